@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import SFTConfig
+
+from .engine import GenerationSettings
+from .strategy import parse_strategy
+
+W_STEP_INITS = ("continue", "base")
+
+
+@dataclass
+class BetterTogetherConfig(SFTConfig):
+    r"""
+    Configuration class for the [`BetterTogetherTrainer`].
+
+    BetterTogether (Soylu, Potts, Khattab, 2024, arXiv:2407.10930) alternates prompt optimization (`p`) and weight
+    optimization (`w`) of one DSPy program on one LM. This class holds the parameters specific to that loop; every
+    [`~trl.SFTConfig`] field applies to the fine-tuning done by each `w` step. Defaults follow the paper.
+
+    Parameters:
+        > Parameters that control the strategy
+
+        strategy (`str`, *optional*, defaults to `"p -> w -> p"`):
+            Chain of steps separated by `->`: `p` optimizes the prompts (few-shot demos bootstrapped with the current
+            weights), `w` fine-tunes the weights on the program's own passing traces. Any chain is allowed:
+            `"p"`, `"w"`, `"p -> w"`, `"w -> p"`, `"p -> p"`, `"w -> w"`, ...
+        w_step_init (`str`, *optional*, defaults to `"continue"`):
+            Where a `w` step starts training from: `"continue"` trains the current weights (adapter) further;
+            `"base"` restarts from the initial weights, so that every `w` step is one fine-tuning run of the base
+            model on traces produced by the current program.
+
+        > Parameters that control the prompt step (DSPy `BootstrapFewShotWithRandomSearch`, unless the trainer is
+        given another `prompt_optimizer`)
+
+        max_bootstrapped_demos (`int`, *optional*, defaults to `3`):
+            Maximum number of demos per module bootstrapped from the program's own passing traces.
+        max_labeled_demos (`int`, *optional*, defaults to `3`):
+            Maximum number of demos per module taken directly from labeled training examples.
+        num_candidate_programs (`int`, *optional*, defaults to `6`):
+            Number of random candidate demo sets tried, on top of DSPy's three fixed candidates (zero-shot, labeled
+            only, unshuffled bootstrap); the best on the valset is kept.
+        metric_threshold (`float`, *optional*):
+            A trace passes when the metric is at least this value. When unset, any truthy (non-zero) metric passes.
+
+        > Parameters that control generation (program calls served from the live model)
+
+        num_threads (`int`, *optional*, defaults to `8`):
+            Concurrent program calls (DSPy threads). Concurrent calls are generated together in batches.
+        generation_batch_size (`int`, *optional*, defaults to `8`):
+            Maximum number of requests generated in one batch.
+        generation_batch_wait (`float`, *optional*, defaults to `0.02`):
+            Seconds the engine waits for more requests before it starts a batch.
+        generation_max_tokens (`int`, *optional*, defaults to `256`):
+            Maximum new tokens per LM call. Generation also stops at the adapter's completion marker.
+        generation_temperature (`float`, *optional*, defaults to `0.0`):
+            Sampling temperature of the program's LM; `0.0` is greedy decoding.
+
+        > Parameters that control the data
+
+        input_columns (`list[str]`, *optional*):
+            When `trainset`/`valset` are `datasets.Dataset`s: the columns that are the program's inputs. The other
+            columns are labels the metric may read.
+    """
+
+    strategy: str = field(
+        default="p -> w -> p",
+        metadata={"help": "Chain of steps separated by '->': 'p' optimizes prompts, 'w' fine-tunes weights."},
+    )
+    w_step_init: str = field(
+        default="continue",
+        metadata={
+            "help": "Where a w step starts training from: 'continue' (current weights) or 'base' (initial weights).",
+            "choices": list(W_STEP_INITS),
+        },
+    )
+    max_bootstrapped_demos: int = field(
+        default=3, metadata={"help": "Maximum demos per module bootstrapped from passing traces."}
+    )
+    max_labeled_demos: int = field(default=3, metadata={"help": "Maximum demos per module from labeled examples."})
+    num_candidate_programs: int = field(
+        default=6, metadata={"help": "Random candidate demo sets tried by the prompt step."}
+    )
+    metric_threshold: float | None = field(
+        default=None, metadata={"help": "A trace passes when the metric is at least this value."}
+    )
+    num_threads: int = field(default=8, metadata={"help": "Concurrent program calls (DSPy threads)."})
+    generation_batch_size: int = field(default=8, metadata={"help": "Maximum requests generated in one batch."})
+    generation_batch_wait: float = field(
+        default=0.02, metadata={"help": "Seconds the engine waits for more requests before starting a batch."}
+    )
+    generation_max_tokens: int = field(default=256, metadata={"help": "Maximum new tokens per LM call."})
+    generation_temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0.0 is greedy."})
+    input_columns: list[str] | None = field(
+        default=None, metadata={"help": "Columns of a datasets.Dataset trainset/valset that are program inputs."}
+    )
+
+    # Overridden SFTConfig defaults (bf16 too: see __post_init__): every w step trains on conversational prompt/completion data built from traces,
+    # with the loss on the completions (the module's outputs) only.
+    completion_only_loss: bool | None = field(
+        default=True,
+        metadata={"help": "Loss on the completion (module outputs) only; the prompt (instructions, inputs) is masked."},
+    )
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "Initial learning rate of each w step (suited to LoRA)."}
+    )
+
+    def generation_settings(self) -> GenerationSettings:
+        return GenerationSettings(self.generation_max_tokens, self.generation_temperature,
+                                  self.generation_batch_size, self.generation_batch_wait)
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            # SFTConfig turns bf16 on unconditionally, which fails on machines without bf16 support (CPU-only
+            # included); here it is on where the GPU supports it.
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
+        self.steps = parse_strategy(self.strategy)
+        if self.w_step_init not in W_STEP_INITS:
+            raise ValueError(f"w_step_init must be one of {W_STEP_INITS}, got {self.w_step_init!r}")
+        for name in ("max_bootstrapped_demos", "max_labeled_demos", "num_candidate_programs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("num_threads", "generation_batch_size", "generation_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.generation_temperature < 0:
+            raise ValueError(f"generation_temperature must be >= 0, got {self.generation_temperature}")

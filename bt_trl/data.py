@@ -1,0 +1,67 @@
+"""Turning user data into DSPy examples, and checking it against the program before any model work."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import datasets
+import dspy
+
+
+def to_examples(data, input_columns: Sequence[str] | None, name: str) -> list[dspy.Example]:
+    """A list of `dspy.Example` (inputs marked with `with_inputs`) or a `datasets.Dataset` plus its input columns."""
+    if isinstance(data, datasets.Dataset):
+        if not input_columns:
+            raise ValueError(f"{name} is a datasets.Dataset: set `input_columns` to the columns that are inputs")
+        missing = [c for c in input_columns if c not in data.column_names]
+        if missing:
+            raise ValueError(f"{name}: input columns {missing} not in the dataset's columns {data.column_names}")
+        examples = [dspy.Example(**row).with_inputs(*input_columns) for row in data]
+    elif isinstance(data, Sequence) and not isinstance(data, str):
+        examples = list(data)
+        bad = next((i for i, e in enumerate(examples) if not isinstance(e, dspy.Example)), None)
+        if bad is not None:
+            raise TypeError(f"{name}[{bad}] is a {type(examples[bad]).__name__}, not a dspy.Example")
+    else:
+        raise TypeError(f"{name} must be a list of dspy.Example or a datasets.Dataset, got {type(data).__name__}")
+    if not examples:
+        raise ValueError(f"{name} is empty")
+    return examples
+
+
+def check_examples(program: dspy.Module, examples: list[dspy.Example], name: str) -> None:
+    """Every example must carry the program's required inputs, marked as inputs."""
+    required = _required_inputs(program)
+    for i, example in enumerate(examples):
+        if example._input_keys is None:
+            raise ValueError(f"{name}[{i}] has no inputs marked: build it with .with_inputs(...)")
+        missing = [k for k in required if k not in example.inputs()]
+        if missing:
+            raise ValueError(
+                f"{name}[{i}] lacks the program's input(s) {missing}; its inputs are {sorted(example.inputs().keys())}"
+            )
+
+
+def _required_inputs(program: dspy.Module) -> list[str]:
+    """Names the program cannot run without: its forward's required arguments or, for a module whose forward takes
+    `**kwargs` (Predict, ChainOfThought, ...), the input fields of its single predictor."""
+    params = list(inspect.signature(type(program).forward).parameters.values())[1:]  # without self
+    named = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    predictors = program.predictors()
+    if named or len(predictors) != 1:
+        return named
+    return list(predictors[0].signature.input_fields)
+
+
+def check_metric(metric) -> None:
+    if not callable(metric):
+        raise TypeError(f"metric must be callable as metric(example, prediction, trace=None), got {metric!r}")
+    try:
+        inspect.signature(metric).bind(None, None, None)
+    except TypeError as exc:
+        raise TypeError(
+            f"metric {getattr(metric, '__name__', metric)!r} must accept (example, prediction, trace=None): {exc}"
+        ) from None
+    except ValueError:  # builtins without an introspectable signature
+        pass

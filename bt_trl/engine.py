@@ -1,0 +1,347 @@
+"""The LM engine: DSPy program calls served from the live model being trained.
+
+Two layers, so that the generation backend can change (batched transformers today, vLLM later) without touching
+DSPy or the trainer:
+
+* `GenerationBackend` — the one small interface: a batch of chat prompts + one `SamplingParams` in, one
+  `Generation` per prompt out. `TransformersBackend` implements it with `model.generate` on the live model.
+* `BatchingEngine` — a DSPy 3.4 custom engine (`dspy.LM(..., engine=...)`, the supported extension point; the
+  `BaseLM.forward` override is deprecated). DSPy calls `complete(Request)` from many threads at once; a single
+  worker thread gathers the requests that arrive together into micro-batches for the backend.
+
+`serving_lm(backend, name)` ties them together into a `dspy.LM`. DSPy caches answers by model name, so every
+weights version must be served under its own name (see `weights_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import queue
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import dspy
+import torch
+from dspy.lm15 import Message, Response, TextPart, Usage
+from transformers import DynamicCache
+
+# The ChatAdapter ends every answer with this marker; generating past it only produces text DSPy throws away.
+COMPLETION_MARKER = "[[ ## completed ## ]]"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+
+
+class GenerationBackend(Protocol):
+    """Generates one completion per chat prompt. Called from one thread at a time."""
+
+    def generate(self, prompts: Sequence[list[dict]], params: SamplingParams) -> list[Generation]: ...
+
+
+class TransformersBackend:
+    """Batched `generate` on an in-process transformers (or PEFT) model, with the tokenizer's chat template.
+
+    The caller owns the model's mode: it must be in eval mode with the KV cache usable (see
+    `BetterTogetherTrainer.generation_mode`) and must not change the weights while this backend is in use.
+
+    Prompt prefixes are reused: the requests of one candidate program share a long prefix (system prompt and demos),
+    and on CPU prefill dominates generation. The longest prefix common to a batch is encoded once (and kept for the
+    next batches with the same prefix); each row then only encodes its own suffix, laid out as
+    `[prefix][padding][suffix]` with the padding masked, so positions continue from the prefix.
+    """
+
+    def __init__(self, model, tokenizer, stop_strings: Sequence[str] = (COMPLETION_MARKER,),
+                 min_shared_prefix: int = 16, cached_prefixes: int = 4):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.min_shared_prefix = min_shared_prefix
+        self.cached_prefixes = cached_prefixes
+        self._prefix_cache: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
+
+    def generate(self, prompts: Sequence[list[dict]], params: SamplingParams) -> list[Generation]:
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+        rows = tok(texts, add_special_tokens=False)["input_ids"]
+        shared = min(_common_prefix_length(rows), min(len(r) for r in rows) - 1)
+        if shared < self.min_shared_prefix:
+            shared = 0
+        prefix = rows[0][:shared]
+        suffix_width = max(len(r) - shared for r in rows)
+        pad = tok.pad_token_id
+        input_ids = [prefix + [pad] * (suffix_width - len(r) + shared) + r[shared:] for r in rows]
+        attention = [[1] * shared + [0] * (suffix_width - len(r) + shared) + [1] * (len(r) - shared) for r in rows]
+        device = self.model.device
+        kwargs = {}
+        if shared:
+            kwargs["cache"] = self._prefix_kv(tuple(prefix), len(rows))
+        stop = tuple(dict.fromkeys(self.stop_strings + params.stop))
+        sampling = {"do_sample": False}
+        if params.temperature > 0:
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p or 1.0}
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=torch.tensor(input_ids, device=device),
+                attention_mask=torch.tensor(attention, device=device),
+                max_new_tokens=params.max_tokens,
+                stop_strings=list(stop) or None,
+                tokenizer=tok,
+                pad_token_id=pad,
+                top_k=None,
+                **sampling,
+                **kwargs,
+            )
+        new_tokens = out[:, len(input_ids[0]) :].tolist()
+        eos_ids = _eos_token_ids(self.model, tok)
+        results = []
+        for tokens, row in zip(new_tokens, rows):
+            eos_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+            end = len(tokens) if eos_at is None else eos_at + 1
+            text = tok.decode(tokens[:end], skip_special_tokens=True)
+            # generate() stops a row at a stop string but keeps it; the OpenAI convention DSPy expects drops it.
+            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+            results.append(
+                Generation(
+                    text=text[:cut] if cut >= 0 else text,
+                    prompt_tokens=len(row),
+                    completion_tokens=end,
+                    finish_reason="stop" if eos_at is not None or cut >= 0 else "length",
+                )
+            )
+        return results
+
+    def _prefix_kv(self, prefix: tuple[int, ...], batch_size: int) -> DynamicCache:
+        """The KV cache of `prefix`, repeated for `batch_size` rows (a copy: generate() extends it in place)."""
+        cache = self._prefix_cache.get(prefix)
+        if cache is None:
+            with torch.no_grad():
+                ids = torch.tensor([prefix], device=self.model.device)
+                cache = self.model(input_ids=ids, use_cache=True, cache=DynamicCache()).past_key_values
+            self._prefix_cache[prefix] = cache
+            while len(self._prefix_cache) > self.cached_prefixes:
+                self._prefix_cache.popitem(last=False)
+        self._prefix_cache.move_to_end(prefix)
+        batch_cache = copy.deepcopy(cache)
+        batch_cache.batch_repeat_interleave(batch_size)
+        return batch_cache
+
+
+def _common_prefix_length(rows: list[list[int]]) -> int:
+    first = rows[0]
+    length = min(len(r) for r in rows)
+    for row in rows[1:]:
+        length = next((i for i in range(length) if row[i] != first[i]), length)
+    return length
+
+
+def _eos_token_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    ids.add(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        ids.add(tokenizer.pad_token_id)  # generate() pads finished rows with it
+    return {i for i in ids if i is not None}
+
+
+@dataclass
+class _Pending:
+    messages: list[dict]
+    params: SamplingParams
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def snapshot(self) -> EngineStats:
+        return EngineStats(self.requests, self.batches, self.prompt_tokens, self.completion_tokens)
+
+
+class BatchingEngine:
+    """DSPy custom engine that micro-batches concurrent requests onto a `GenerationBackend`.
+
+    A worker thread takes the first waiting request, waits up to `batch_wait` seconds for more (up to
+    `max_batch_size`), groups them by sampling parameters and generates each group in one backend call. Requests that
+    arrive while a batch is generating are served together in the next one.
+    """
+
+    def __init__(self, backend: GenerationBackend, max_batch_size: int = 8, batch_wait: float = 0.02,
+                 default_max_tokens: int = 256):
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.batch_wait = batch_wait
+        self.default_max_tokens = default_max_tokens
+        self.stats = EngineStats()
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+
+    # Engines are borrowed resources: DSPy deep-copies programs (and their LMs); the model must not be copied.
+    def __deepcopy__(self, memo):
+        return self
+
+    def complete(self, request) -> Response:
+        messages = []
+        if request.system is not None:
+            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+            messages.append({"role": "system", "content": system})
+        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+        config = request.config
+        params = SamplingParams(
+            max_tokens=config.max_tokens or self.default_max_tokens,
+            temperature=config.temperature or 0.0,
+            top_p=config.top_p,
+            stop=tuple(config.stop or ()),
+        )
+        pending = _Pending(messages, params)
+        self._ensure_worker()
+        self._queue.put(pending)
+        gen: Generation = pending.future.result()
+        return Response(
+            id=None,
+            model=request.model,
+            message=Message.assistant([TextPart(gen.text)]),
+            finish_reason=gen.finish_reason,
+            usage=Usage(
+                input_tokens=gen.prompt_tokens,
+                output_tokens=gen.completion_tokens,
+                total_tokens=gen.prompt_tokens + gen.completion_tokens,
+            ),
+        )
+
+    def stream(self, request):
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            self._queue.put(None)
+            worker.join()
+
+    def _ensure_worker(self) -> None:
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="bt_trl-generation", daemon=True)
+                self._worker.start()
+
+    def _next_batch(self) -> list[_Pending] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:  # shutting down: serve what we have, then stop
+                self._queue.put(None)
+                break
+            batch.append(item)
+        return batch
+
+    def _serve(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            groups: dict[SamplingParams, list[_Pending]] = defaultdict(list)
+            for item in batch:
+                groups[item.params].append(item)
+            for params, group in groups.items():
+                try:
+                    generations = self.backend.generate([p.messages for p in group], params)
+                except BaseException as exc:  # delivered to the waiting DSPy threads, which count it
+                    for p in group:
+                        p.future.set_exception(exc)
+                    continue
+                with self._lock:
+                    self.stats.requests += len(group)
+                    self.stats.batches += 1
+                    self.stats.prompt_tokens += sum(g.prompt_tokens for g in generations)
+                    self.stats.completion_tokens += sum(g.completion_tokens for g in generations)
+                for p, g in zip(group, generations):
+                    p.future.set_result(g)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How program calls are generated: LM defaults (max tokens, temperature) and micro-batching."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    max_batch_size: int = 8
+    batch_wait: float = 0.02
+
+
+@contextmanager
+def serving_lm(backend: GenerationBackend, name: str, settings: GenerationSettings):
+    """A `dspy.LM` named `name` that generates with `backend`; the engine's worker stops on exit."""
+    engine = BatchingEngine(backend, max_batch_size=settings.max_batch_size, batch_wait=settings.batch_wait,
+                            default_max_tokens=settings.max_tokens)
+    lm = dspy.LM(f"bt_trl/{name}", engine=engine, max_tokens=settings.max_tokens,
+                 temperature=settings.temperature, num_retries=0)
+    try:
+        yield lm
+    finally:
+        engine.close()
+
+
+@contextmanager
+def eval_mode(model):
+    """Dropout off for generation; the model's previous mode is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def lm_name(model, base_fingerprint: str) -> str:
+    """DSPy caches answers by LM name, so each weights version is served under its own name: the model's name, a
+    fingerprint of its initial weights and one of its trainable weights."""
+    base = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name
+    return f"{base}-{base_fingerprint}-{weights_fingerprint(model, only_trainable=True)}"
+
+
+def weights_fingerprint(model, only_trainable: bool) -> str:
+    """A short hash of the model's (trainable) parameters: the DSPy LM name of one weights version.
+
+    Identical weights give the same name, so DSPy's cache is reused exactly when it is valid (a resumed run reads
+    the answers of the run it continues), and new weights can never be served cached answers of old ones.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for name, param in model.named_parameters():
+        if only_trainable and not param.requires_grad:
+            continue
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

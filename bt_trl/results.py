@@ -1,0 +1,100 @@
+"""What each step of a BetterTogether run produced, the results table, and the state a resumed run continues from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STATE_FILE = "bettertogether_state.json"
+
+
+@dataclass
+class StepResult:
+    index: int  # 0 is the initial ("vanilla") program, then one per strategy step
+    kind: str  # "vanilla", "p" or "w"
+    val_score: float  # percent
+    weights_version: int  # how many w steps have changed the weights
+    weights_dir: str  # folder (relative to output_dir) holding this step's weights
+    lm_name: str  # the DSPy LM name the program was served under
+    seconds: float = 0.0
+    completion_tokens: int = 0  # generated in this step (optimization + valset scoring)
+    program_calls: int = 0
+    # w steps only
+    traces_kept: int | None = None
+    traces_total: int | None = None
+    parse_failures: int | None = None
+    metric_errors: int | None = None
+    program_errors: int | None = None
+    sft_examples: int | None = None
+    first_loss: float | None = None
+    last_loss: float | None = None
+    skipped: str | None = None  # why the step left the weights unchanged
+
+    @property
+    def name(self) -> str:
+        return f"step_{self.index}_{self.kind}"
+
+    @property
+    def pass_rate(self) -> float | None:
+        return None if not self.traces_total else 100.0 * self.traces_kept / self.traces_total
+
+
+@dataclass
+class RunState:
+    strategy: list[str]
+    steps: list[StepResult] = field(default_factory=list)
+
+    def save(self, output_dir: str | Path) -> None:
+        path = Path(output_dir) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"strategy": self.strategy, "steps": [asdict(s) for s in self.steps]}, indent=2))
+        tmp.replace(path)  # atomic: an interruption leaves the previous state, never half a file
+
+    @classmethod
+    def load(cls, output_dir: str | Path) -> RunState | None:
+        path = Path(output_dir) / STATE_FILE
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return cls(data["strategy"], [StepResult(**s) for s in data["steps"]])
+
+    def best(self) -> StepResult:
+        """The step with the best valset score; among ties the earliest (the cheapest program and weights)."""
+        return max(self.steps, key=lambda s: (s.val_score, -s.index))
+
+
+def _fmt(value, spec: str = "") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def results_markdown(state: RunState) -> str:
+    best = state.best().index
+    lines = [
+        "| step | kind | val score | traces kept / total | pass rate | SFT examples | loss first → last "
+        "| tokens | seconds | note |",
+        "|---:|---|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for s in state.steps:
+        traces = f"{s.traces_kept} / {s.traces_total}" if s.traces_total is not None else ""
+        loss = f"{s.first_loss:.3f} → {s.last_loss:.3f}" if s.first_loss is not None else ""
+        note = "; ".join(x for x in ("best" if s.index == best else "", s.skipped or "") if x)
+        lines.append(
+            f"| {s.index} | {s.kind} | {s.val_score:.1f} | {traces} | {_fmt(s.pass_rate, '.1f')} "
+            f"| {_fmt(s.sft_examples)} | {loss} | {s.completion_tokens} | {s.seconds:.1f} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(state: RunState, output_dir: str | Path) -> None:
+    output_dir = Path(output_dir)
+    (output_dir / "results.md").write_text(
+        f"# BetterTogether results: {' -> '.join(state.strategy)}\n\n{results_markdown(state)}"
+    )
+    (output_dir / "results.json").write_text(
+        json.dumps(
+            {"strategy": " -> ".join(state.strategy), "best_step": state.best().index,
+             "steps": [asdict(s) | {"name": s.name, "pass_rate": s.pass_rate} for s in state.steps]},
+            indent=2,
+        )
+    )

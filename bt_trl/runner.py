@@ -1,0 +1,108 @@
+"""The one place where a DSPy program is run over a list of examples.
+
+Valset scoring and trace collection both go through `ProgramRunner.run`, so splitting the examples across ranks or
+changing how calls are scheduled is a change here only. Runtime faults of single calls — an output the adapter cannot
+parse, a metric that raises, any other program error — are caught per example, counted by kind, and never stop the
+run.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import dspy
+from dspy.utils.exceptions import AdapterParseError
+
+logger = logging.getLogger(__name__)
+
+Metric = Callable[..., Any]
+
+
+@dataclass
+class ProgramCall:
+    """One program call: its prediction, the module calls it made, and the metric's verdict."""
+
+    example: dspy.Example
+    prediction: dspy.Prediction | None = None
+    trace: list = field(default_factory=list)  # DSPy trace entries: (predictor, inputs, outputs)
+    score: float = 0.0
+    error: str | None = None  # None, "parse", "metric" or "program"
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.score > 0
+
+
+@dataclass
+class RunSummary:
+    total: int
+    passed: int
+    score: float  # mean metric score, in percent (as DSPy's Evaluate reports it)
+    parse_failures: int
+    metric_errors: int
+    program_errors: int
+
+    @classmethod
+    def of(cls, calls: list[ProgramCall]) -> RunSummary:
+        errors = [c.error for c in calls]
+        return cls(
+            total=len(calls),
+            passed=sum(c.passed for c in calls),
+            score=100.0 * sum(c.score for c in calls) / max(len(calls), 1),
+            parse_failures=errors.count("parse"),
+            metric_errors=errors.count("metric"),
+            program_errors=errors.count("program"),
+        )
+
+
+def metric_score(value, threshold: float | None) -> float:
+    """A metric's return value as a score in [0, 1]; with a threshold, pass (1) or fail (0) as in DSPy."""
+    score = float(value)
+    if threshold is not None:
+        return float(score >= threshold)
+    return score
+
+
+class ProgramRunner:
+    """Runs a program over examples with `num_threads` concurrent calls (which the LM engine batches)."""
+
+    def __init__(self, metric: Metric, num_threads: int = 8, metric_threshold: float | None = None):
+        self.metric = metric
+        self.num_threads = num_threads
+        self.metric_threshold = metric_threshold
+
+    def run(self, program: dspy.Module, examples: list[dspy.Example], lm: dspy.LM,
+            with_trace: bool = False) -> list[ProgramCall]:
+        """Calls `program` on every example with `lm`. With `with_trace`, records the module calls of each run and
+        scores it with `metric(example, prediction, trace)` — the DSPy convention for "does this trace pass"."""
+
+        def call(example: dspy.Example) -> ProgramCall:
+            result = ProgramCall(example)
+            trace: list = []
+            with dspy.context(lm=lm, trace=trace):
+                try:
+                    result.prediction = program(**example.inputs())
+                except AdapterParseError:
+                    result.error = "parse"
+                    return result
+                except Exception as exc:  # the user's program may raise anything; one bad call must not end the run
+                    logger.warning("Program call failed on %s: %r", example, exc)
+                    result.error = "program"
+                    return result
+            result.trace = trace if with_trace else []
+            try:
+                value = self.metric(example, result.prediction, trace if with_trace else None)
+                result.score = metric_score(value, self.metric_threshold)
+            except Exception as exc:
+                logger.warning("Metric failed on %s: %r", example, exc)
+                result.error = "metric"
+            return result
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.num_threads, len(examples)))) as pool:
+            return list(pool.map(call, examples))
+
+    def evaluate(self, program: dspy.Module, examples: list[dspy.Example], lm: dspy.LM) -> RunSummary:
+        return RunSummary.of(self.run(program, examples, lm))

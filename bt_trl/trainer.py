@@ -1,0 +1,337 @@
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import datasets
+import dspy
+from peft import PeftModel, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from safetensors.torch import load_file
+from transformers import set_seed
+from transformers.trainer_utils import TrainOutput
+from trl import SFTTrainer
+from trl.models import unwrap_model_for_generation
+
+from .config import BetterTogetherConfig
+from .data import check_examples, check_metric, to_examples
+from .engine import TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint
+from .models import resolve_model_name_or_path
+from .prompt_step import default_prompt_optimizer, optimize_prompts
+from .results import RunState, StepResult, results_markdown, write_results
+from .runner import ProgramRunner, RunSummary
+from .strategy import PROMPT_STEP, WEIGHT_STEP
+from .weight_step import TraceDataset, traces_to_dataset
+
+logger = logging.getLogger(__name__)
+
+PROGRAM_FILE = "program.json"
+SFT_DATASET_FILE = "sft_dataset.jsonl"
+
+
+def _format_example_dataset() -> datasets.Dataset:
+    """`SFTTrainer` needs a train dataset at construction and fixes its collator from the first row. Every w step
+    trains on conversational prompt/completion rows built from traces; this one row declares that format until the
+    first w step replaces it."""
+    return datasets.Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": "?"}], "completion": [{"role": "assistant", "content": "."}]}]
+    )
+
+
+class BetterTogetherTrainer(SFTTrainer):
+    """BetterTogether (Soylu, Potts, Khattab, 2024): alternate prompt and weight optimization of a DSPy program on the
+    model this trainer trains.
+
+    Args:
+        model: as for `SFTTrainer` (Hub id, local path, `PreTrainedModel` or `PeftModel`); `None` is the embedded
+            SmolLM2-135M-Instruct.
+        args: a `BetterTogetherConfig`.
+        program: the DSPy program (any `dspy.Module`; all its modules run on this model).
+        metric: DSPy-style `metric(example, prediction, trace=None)`.
+        trainset, valset: lists of `dspy.Example` (inputs marked), or `datasets.Dataset`s with
+            `args.input_columns`. The p step bootstraps demos from `trainset` and picks the best candidate on `valset`;
+            the w step collects traces on `trainset`; every step is scored on `valset`.
+        prompt_optimizer: any DSPy teleprompter (MIPROv2, GEPA, BootstrapFewShot, ...). Defaults to the paper's
+            `BootstrapFewShotWithRandomSearch` configured from `args`.
+        Remaining arguments are `SFTTrainer`'s (`processing_class`, `peft_config`, `callbacks`, ...).
+
+    After `train()`, `trainer.program` is the best program on the valset, bound to an LM served from the trained model
+    with the weights of that same step.
+    """
+
+    _tag_names = ["trl", "sft", "dspy", "bettertogether"]
+    _name = "BetterTogether"
+
+    def __init__(self, model=None, args: BetterTogetherConfig | None = None, program: dspy.Module | None = None,
+                 metric=None, trainset=None, valset=None, prompt_optimizer=None, **kwargs):
+        # Everything the user gave is checked before the model is loaded or anything is generated.
+        if args is None:
+            args = BetterTogetherConfig("BetterTogether")
+        if not isinstance(args, BetterTogetherConfig):
+            raise TypeError(f"args must be a BetterTogetherConfig, got {type(args).__name__}")
+        if not isinstance(program, dspy.Module):
+            raise TypeError(f"program must be a dspy.Module, got {type(program).__name__}")
+        check_metric(metric)
+        trainset = to_examples(trainset, args.input_columns, "trainset")
+        valset = to_examples(valset, args.input_columns, "valset")
+        check_examples(program, trainset, "trainset")
+        check_examples(program, valset, "valset")
+        if "train_dataset" in kwargs:
+            raise TypeError("train_dataset is built by each w step from the program's traces; pass trainset instead")
+
+        if model is None or isinstance(model, str):
+            model = resolve_model_name_or_path(model)
+        super().__init__(model=model, args=args, train_dataset=_format_example_dataset(), **kwargs)
+
+        self.student = program.deepcopy()
+        self.student.set_lm(None)
+        self.trainset, self.valset, self.metric = trainset, valset, metric
+        self.prompt_optimizer = prompt_optimizer or default_prompt_optimizer(
+            metric, max_bootstrapped_demos=args.max_bootstrapped_demos, max_labeled_demos=args.max_labeled_demos,
+            num_candidate_programs=args.num_candidate_programs, num_threads=args.num_threads,
+            metric_threshold=args.metric_threshold,
+        )
+        self.runner = ProgramRunner(metric, args.num_threads, args.metric_threshold)
+        self.program: dspy.Module | None = None
+        self.run_state: RunState | None = None
+        self._weights_version = 0
+        self._base_fingerprint = weights_fingerprint(self.model, only_trainable=False)
+        self._step_tokens = 0
+        self._step_calls = 0
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Algorithm 1
+    # ------------------------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: bool | str | None = None, trial=None, **kwargs) -> TrainOutput:
+        """Runs the strategy: score the initial program, then each `p`/`w` step in turn, each scored on the valset and
+        saved; ends on the best step. `resume_from_checkpoint` (True or an output folder) continues an interrupted run
+        after its last completed step."""
+        state = self._resume(resume_from_checkpoint) if resume_from_checkpoint else self._start()
+        for index, kind in enumerate(self.args.steps, start=1):
+            if index < len(state.steps):
+                continue  # completed before the interruption
+            set_seed(self.args.seed + index)
+            started = self._begin_step()
+            if kind == PROMPT_STEP:
+                # p after p bootstraps with the current program as teacher; otherwise (first step, or after a w step)
+                # it optimizes the original program's prompts on the current weights, as in the paper.
+                teacher = self.program if state.steps[-1].kind == PROMPT_STEP else None
+                with self.serving() as lm:
+                    self.program = optimize_prompts(
+                        self.prompt_optimizer, self.student, lm, self.trainset, self.valset, teacher
+                    )
+                result = self._finish_step(index, kind, started, state)
+            else:
+                traces = self.collect_traces(self.program)
+                self._save_dataset(traces, index)
+                loss = self.finetune_weights(traces, index)
+                result = self._finish_step(index, kind, started, state, traces, loss)
+            state.steps.append(result)
+            self._checkpoint(state)
+        return self._end(state)
+
+    def collect_traces(self, program: dspy.Module) -> TraceDataset:
+        """Runs `program` on the trainset with tracing; keeps the module calls of the runs whose output passes."""
+        with self.serving() as lm:
+            calls = self.runner.run(program, self.trainset, lm, with_trace=True)
+        return traces_to_dataset(calls)
+
+    def finetune_weights(self, traces: TraceDataset, index: int) -> tuple[float, float] | None:
+        """One SFT run on the traces (its own output folder, optimizer and LR schedule). Returns the first and last
+        logged training loss, or None when there was nothing to train on."""
+        if traces.kept == 0:
+            warnings.warn(
+                f"w step {index}: no trace passed the metric ({traces.summary.total} tried, "
+                f"{traces.summary.parse_failures} unparseable); the weights are left unchanged",
+                stacklevel=2,
+            )
+            return None
+        if self.args.w_step_init == "base":
+            self._load_weights(self.run_state.steps[0].weights_dir)
+        self.train_dataset = self._prepare_dataset(
+            traces.dataset, self.processing_class, self.args, self.args.packing, None, "train"
+        )
+        self.optimizer, self.lr_scheduler = None, None
+        output_dir = self.args.output_dir
+        self.args.output_dir = str(Path(output_dir) / self._step_dir_name(index, WEIGHT_STEP))
+        try:
+            super().train()
+        finally:
+            self.args.output_dir = output_dir
+        self._weights_version += 1
+        losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
+        return (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
+
+    def evaluate_program(self, examples, program: dspy.Module | None = None) -> RunSummary:
+        """Scores `program` (default: `trainer.program`) on `examples` with the current weights."""
+        examples = to_examples(examples, self.args.input_columns, "examples")
+        with self.serving() as lm:
+            return self.runner.evaluate(program or self.program, examples, lm)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Serving the live model to DSPy
+    # ------------------------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def generation_mode(self):
+        """The unwrapped model ready to generate: eval mode (no dropout), no gradient checkpointing (which silently
+        disables the KV cache), parameters gathered under ZeRO-3. Training state is restored on exit."""
+        wrapped = self.model_wrapped if self.model_wrapped is not None else self.model
+        with unwrap_model_for_generation(
+            wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+        ) as model, eval_mode(model):
+            yield model
+
+    def lm_name(self) -> str:
+        return lm_name(self.model, self._base_fingerprint)
+
+    @contextmanager
+    def serving(self):
+        """A `dspy.LM` generating from the current weights, for the duration of the block."""
+        with self.generation_mode() as model, serving_lm(
+            TransformersBackend(model, self.processing_class), self.lm_name(), self.args.generation_settings()
+        ) as lm:
+            try:
+                yield lm
+            finally:
+                self._step_tokens += lm.engine.stats.completion_tokens
+                self._step_calls += lm.engine.stats.requests
+
+    def bind_program(self, program: dspy.Module) -> dspy.Module:
+        """`program` with every module on an LM served from this trainer's model (left in eval mode)."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        lm_context = serving_lm(TransformersBackend(model, self.processing_class), self.lm_name(),
+                                self.args.generation_settings())
+        bound = program.deepcopy()
+        bound.set_lm(lm_context.__enter__())  # lives as long as the program; its worker is a daemon thread
+        return bound
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Step bookkeeping: scoring, artifacts, logging, resume
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _begin_step(self) -> float:
+        self._step_tokens = self._step_calls = 0
+        return time.perf_counter()
+
+    def _start(self) -> RunState:
+        self.program = self.student.deepcopy()
+        self.run_state = state = RunState(self.args.steps)
+        started = self._begin_step()
+        state.steps.append(self._finish_step(0, "vanilla", started, state))
+        self._checkpoint(state)
+        return state
+
+    def _finish_step(self, index: int, kind: str, started: float, state: RunState,
+                     traces: TraceDataset | None = None, loss: tuple[float, float] | None = None) -> StepResult:
+        """Scores the program on the valset with the current weights, saves the step's artifacts, logs it."""
+        with self.serving() as lm:
+            summary = self.runner.evaluate(self.program, self.valset, lm)
+        name = self._step_dir_name(index, kind)
+        step_dir = Path(self.args.output_dir) / name
+        new_weights = kind == "vanilla" or loss is not None
+        result = StepResult(
+            index=index, kind=kind, val_score=summary.score, weights_version=self._weights_version,
+            weights_dir=name if new_weights else state.steps[-1].weights_dir, lm_name=self.lm_name(),
+            seconds=time.perf_counter() - started, completion_tokens=self._step_tokens,
+            program_calls=self._step_calls,
+        )
+        if traces is not None:
+            s = traces.summary
+            result.traces_kept, result.traces_total = s.passed, s.total
+            result.parse_failures, result.metric_errors, result.program_errors = (
+                s.parse_failures, s.metric_errors, s.program_errors
+            )
+            result.sft_examples = len(traces.dataset)
+            if loss is None:
+                result.skipped = "no passing trace: weights unchanged"
+            else:
+                result.first_loss, result.last_loss = loss
+        if self.is_world_process_zero():
+            step_dir.mkdir(parents=True, exist_ok=True)
+            self.program.save(str(step_dir / PROGRAM_FILE))
+        if new_weights:
+            self.save_model(str(step_dir))
+        self.log({f"bettertogether/{k}": v for k, v in {
+            "step": index, "val_score": result.val_score, "traces_kept": result.traces_kept,
+            "traces_total": result.traces_total, "pass_rate": result.pass_rate,
+            "completion_tokens": result.completion_tokens, "program_calls": result.program_calls,
+            "step_seconds": result.seconds,
+        }.items() if v is not None})
+        logger.info("BetterTogether step %d (%s): val score %.1f", index, kind, result.val_score)
+        return result
+
+    def _checkpoint(self, state: RunState) -> None:
+        if self.is_world_process_zero():
+            state.save(self.args.output_dir)
+            write_results(state, self.args.output_dir)
+
+    def _resume(self, resume_from_checkpoint: bool | str) -> RunState:
+        folder = self.args.output_dir if resume_from_checkpoint is True else resume_from_checkpoint
+        state = RunState.load(folder)
+        if state is None:
+            raise ValueError(f"resume_from_checkpoint: no BetterTogether run state in {folder}")
+        if state.strategy[: len(state.steps) - 1] != self.args.steps[: len(state.steps) - 1]:
+            raise ValueError(
+                f"resume_from_checkpoint: {folder} ran strategy {' -> '.join(state.strategy)}, "
+                f"not {self.args.strategy}"
+            )
+        state.strategy = self.args.steps
+        last = state.steps[-1]
+        self._load_weights(last.weights_dir, folder)
+        self._weights_version = last.weights_version
+        self.program = self._load_program(Path(folder) / last.name / PROGRAM_FILE)
+        self.run_state = state
+        logger.info("Resuming after step %d (%s) of %s", last.index, last.kind, folder)
+        return state
+
+    def _end(self, state: RunState) -> TrainOutput:
+        best = state.best()
+        self._load_weights(best.weights_dir)
+        program = self._load_program(Path(self.args.output_dir) / best.name / PROGRAM_FILE)
+        self.save_model(self.args.output_dir)
+        if self.is_world_process_zero():
+            program.save(str(Path(self.args.output_dir) / PROGRAM_FILE))
+            write_results(state, self.args.output_dir)
+            print(f"BetterTogether {self.args.strategy}: best step {best.index} ({best.kind})\n"
+                  f"{results_markdown(state)}")
+        self.program = self.bind_program(program)
+        last_loss = next((s.last_loss for s in reversed(state.steps) if s.last_loss is not None), 0.0)
+        return TrainOutput(self.state.global_step, last_loss,
+                           {"best_step": best.index, "best_val_score": best.val_score})
+
+    def _load_program(self, path: Path) -> dspy.Module:
+        program = self.student.deepcopy()
+        program.load(str(path))
+        program.set_lm(None)
+        return program
+
+    def _save_dataset(self, traces: TraceDataset, index: int) -> None:
+        if self.is_world_process_zero():
+            step_dir = Path(self.args.output_dir) / self._step_dir_name(index, WEIGHT_STEP)
+            step_dir.mkdir(parents=True, exist_ok=True)
+            traces.dataset.to_json(str(step_dir / SFT_DATASET_FILE))
+
+    def _load_weights(self, weights_dir: str, output_dir: str | None = None) -> None:
+        """Puts the weights saved in `weights_dir` (a step folder) back into the model being trained."""
+        folder = Path(output_dir or self.args.output_dir) / weights_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PeftModel):
+            set_peft_model_state_dict(model, load_peft_weights(str(folder), device=str(model.device)))
+        else:
+            state = load_file(str(folder / "model.safetensors"), device=str(model.device))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            tied = set(getattr(model, "_tied_weights_keys", None) or ())
+            if unexpected or set(missing) - tied:
+                raise RuntimeError(f"weights in {folder} do not match the model: missing {missing}, "
+                                   f"unexpected {unexpected}")
+
+    @staticmethod
+    def _step_dir_name(index: int, kind: str) -> str:
+        return f"step_{index}_{kind}"
+

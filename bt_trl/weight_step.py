@@ -1,0 +1,50 @@
+"""The `w` step's data: the program's own passing traces, every module call turned into one chat SFT example."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import dspy
+
+from .runner import ProgramCall, RunSummary
+
+
+@dataclass
+class TraceDataset:
+    dataset: datasets.Dataset  # conversational prompt/completion rows
+    summary: RunSummary  # traces kept (passed) / total, parse failures, metric errors, ...
+
+    @property
+    def kept(self) -> int:
+        return self.summary.passed
+
+
+def program_adapter() -> dspy.Adapter:
+    return dspy.settings.adapter or dspy.ChatAdapter()
+
+
+def trace_to_rows(trace: list, adapter: dspy.Adapter) -> list[dict]:
+    """One conversational prompt/completion row per module call in `trace`, formatted as the program's adapter
+    formats it at inference, with the demos left out: the fine-tuned weights must carry what the demos taught."""
+    rows = []
+    for predictor, inputs, outputs in trace:
+        messages = adapter.format_finetune_data(
+            signature=predictor.signature, demos=[], inputs=inputs, outputs=dict(outputs)
+        )["messages"]
+        rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    return rows
+
+
+def traces_to_dataset(calls: list[ProgramCall], adapter: dspy.Adapter | None = None) -> TraceDataset:
+    """Pools the module calls of every passing program call into one multitask dataset."""
+    adapter = adapter or program_adapter()
+    rows = [row for call in calls if call.passed for row in trace_to_rows(call.trace, adapter)]
+    features = datasets.Features(
+        {
+            "prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+            "completion": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        }
+    )
+    columns = {name: [row[name] for row in rows] for name in features}  # from_dict: zero rows keep the schema
+    return TraceDataset(datasets.Dataset.from_dict(columns, features=features), RunSummary.of(calls))

@@ -1,0 +1,53 @@
+"""The embedded SmolLM2-135M-Instruct through a reduced Iris p -> w -> p (the slowest test: a few minutes)."""
+
+import json
+
+import dspy
+import torch
+from peft import LoraConfig
+from transformers import AutoTokenizer
+
+from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, BetterTogetherTrainer
+from bt_trl.models import embedded_model_path
+from bt_trl.tasks import iris
+
+
+def test_embedded_model_p_w_p_on_reduced_iris(tmp_path):
+    train, val, _ = iris.load_splits(0, (8, 6, 0))
+    args = BetterTogetherConfig(
+        str(tmp_path), strategy="p -> w -> p", report_to="none", num_candidate_programs=0,
+        max_bootstrapped_demos=2, max_labeled_demos=2, generation_max_tokens=64, num_threads=8,
+        num_train_epochs=2, per_device_train_batch_size=4, learning_rate=2e-4, logging_steps=1,
+        save_strategy="no", gradient_checkpointing=False, max_length=1024, seed=0,
+    )
+    trainer = BetterTogetherTrainer(
+        model=EMBEDDED_MODEL, args=args, program=iris.program(), metric=iris.metric, trainset=train, valset=val,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+    )
+    trainer.train()
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    kinds = [s["kind"] for s in results["steps"]]
+    assert kinds == ["vanilla", "p", "w", "p"]
+    w = results["steps"][2]
+    assert w["traces_kept"] > 0 and w["first_loss"] is not None
+    assert "| 3 | p |" in (tmp_path / "results.md").read_text()
+
+    # The p steps put demos into the program.
+    for step in ("step_1_p", "step_3_p"):
+        program = json.loads((tmp_path / step / "program.json").read_text())
+        assert len(program["predict"]["demos"]) > 0
+
+    # The trained adapter changes what the model outputs, compared with the base weights.
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    prompt = dspy.ChatAdapter().format(iris.program().predict.signature, demos=[],
+                                       inputs=val[0].inputs().toDict())
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    model = trainer.model
+    trainer._load_weights("step_2_w")
+    model.eval()
+    with torch.no_grad():
+        trained = model(**ids).logits
+        with model.disable_adapter():
+            base = model(**ids).logits
+    assert (trained - base).abs().max() > 1e-2
