@@ -26,12 +26,12 @@ def config(output_dir, strategy="p -> w -> p", **overrides):
     return BetterTogetherConfig(str(output_dir), **values)
 
 
-def make_trainer(model, tokenizer, args, metric=iris.metric, program=None, callbacks=None):
+def make_trainer(model, tokenizer, args, metric=iris.metric, program=None, callbacks=None, prompt_optimizer=None):
     train, val, _ = iris.load_splits(0, (10, 8, 0))
     return BetterTogetherTrainer(
         model=model, args=args, program=program or iris.program(), metric=metric, trainset=train, valset=val,
         processing_class=tokenizer, peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
-        callbacks=callbacks,
+        callbacks=callbacks, prompt_optimizer=prompt_optimizer,
     )
 
 
@@ -40,7 +40,10 @@ def adapter(folder):
 
 
 def test_p_w_p_end_to_end(format_model, tokenizer, tmp_path):
-    trainer = make_trainer(format_model, tokenizer, config(tmp_path))
+    # A user-supplied DSPy optimizer as the p step (BootstrapFewShot's compile takes no valset): the tiny model answers
+    # the same with or without demos, so the default random search would keep its zero-shot candidate.
+    optimizer = dspy.BootstrapFewShot(metric=iris.metric, max_bootstrapped_demos=2, max_labeled_demos=0)
+    trainer = make_trainer(format_model, tokenizer, config(tmp_path), prompt_optimizer=optimizer)
     output = trainer.train()
 
     results = json.loads((tmp_path / "results.json").read_text())
@@ -50,9 +53,11 @@ def test_p_w_p_end_to_end(format_model, tokenizer, tmp_path):
     assert max(s["val_score"] for s in steps) == output.metrics["best_val_score"]
     assert "| 2 | w |" in (tmp_path / "results.md").read_text()
 
-    # p steps bootstrapped demos with the live model.
-    p_program = json.loads((tmp_path / "step_1_p" / "program.json").read_text())
-    assert len(p_program["predict"]["demos"]) > 0
+    # p steps bootstrapped demos from the live model's own passing answers.
+    for step in ("step_1_p", "step_3_p"):
+        demos = json.loads((tmp_path / step / "program.json").read_text())["predict"]["demos"]
+        assert len(demos) == 2 and all(d["reasoning"] == "The petals decide it." for d in demos)
+    assert steps[1]["program_calls"] > 0 and steps[1]["completion_tokens"] > 0
 
     # The w step trained on the program's passing traces, and the loss went down.
     w = steps[2]
