@@ -100,6 +100,18 @@ class PromptOptimizationCallback(_EveryNEpochs):
         logger.info("Epoch %d: prompts re-optimized, val score %.1f", self.epochs_done, score)
 
 
+class _RowPool:
+    """The current training rows. `datasets` fingerprints a generator and its arguments by pickling them, so the
+    generator gets this small holder rather than the callback (whose program does not pickle)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+
+def _pool_rows(pool: _RowPool):
+    yield from pool.rows  # read at the start of every epoch, so rows swapped in on_epoch_end are used next
+
+
 class TraceDatasetCallback(_EveryNEpochs):
     """The w step's data every `every_n_epochs` epochs: the program's passing traces on the trainset, generated with
     the current weights, become the training rows of the following epochs.
@@ -122,13 +134,14 @@ class TraceDatasetCallback(_EveryNEpochs):
         self.runner = ProgramRunner(metric, num_threads)
         self.history: list[dict] = []  # one entry per regeneration: epoch, traces kept / total, rows
         self._base_fingerprint = weights_fingerprint(model, only_trainable=False)
-        self.rows = self._regenerate(model)
+        self._pool = _RowPool(self._regenerate(model))
         if not self.rows:
             raise ValueError("no trace of the program passed the metric on the trainset: nothing to train on")
-        self.train_dataset = datasets.IterableDataset.from_generator(self._current_rows)
+        self.train_dataset = datasets.IterableDataset.from_generator(_pool_rows, gen_kwargs={"pool": self._pool})
 
-    def _current_rows(self):
-        yield from self.rows  # read at the start of every epoch, so rows swapped in on_epoch_end are used next
+    @property
+    def rows(self) -> list[dict]:
+        return self._pool.rows
 
     def _regenerate(self, model, gradient_checkpointing_kwargs=None) -> list[dict]:
         with live_lm(model, self.tokenizer, self._base_fingerprint, self.generation,
@@ -150,7 +163,7 @@ class TraceDatasetCallback(_EveryNEpochs):
             return
         rows = self._regenerate(model, args.gradient_checkpointing_kwargs)
         if rows:
-            self.rows = rows
+            self._pool.rows = rows
         else:
             warnings.warn(f"epoch {self.epochs_done}: no passing trace; training goes on with the previous rows",
                           stacklevel=2)

@@ -1,5 +1,6 @@
 """The p step and the trace-dataset regeneration as callbacks on a plain TRL SFTTrainer."""
 
+import dspy
 import torch
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
@@ -12,9 +13,11 @@ from bt_trl.tasks import iris
 def test_callbacks_regenerate_prompts_and_data_on_plain_sft_trainer(format_model, tokenizer, tmp_path):
     train, val, _ = iris.load_splits(0, (8, 6, 0))
     generation = GenerationSettings(max_tokens=48)
+    # BootstrapFewShot keeps its bootstrapped demos (random search would keep zero-shot: the tiny model scores the
+    # same either way).
+    optimizer = dspy.BootstrapFewShot(metric=iris.metric, max_bootstrapped_demos=2, max_labeled_demos=0)
     prompts = PromptOptimizationCallback(iris.program(), iris.metric, train, val, tokenizer, every_n_epochs=2,
-                                         generation=generation, num_candidate_programs=0,
-                                         max_bootstrapped_demos=2, max_labeled_demos=2)
+                                         generation=generation, prompt_optimizer=optimizer)
     traces = TraceDatasetCallback(lambda: prompts.program, iris.metric, train, format_model, tokenizer,
                                   every_n_epochs=2, max_epochs=4, generation=generation)
     first_rows = list(traces.rows)
