@@ -8,6 +8,8 @@ import sys
 import dspy
 from dspy.teleprompt import BootstrapFewShotWithRandomSearch, Teleprompter
 
+from .runner import program_adapter
+
 # DSPy's Evaluate cancels a whole evaluation after `max_errors` failed calls (10 by default). A small model's
 # unparseable answers are ordinary failures here: they score 0 and the search goes on.
 NO_ERROR_LIMIT = sys.maxsize
@@ -43,7 +45,7 @@ def optimize_prompts(optimizer: Teleprompter, student: dspy.Module, lm: dspy.LM,
         kwargs["valset"] = valset
     if teacher is not None and "teacher" in accepted:
         kwargs["teacher"] = teacher
-    with dspy.context(lm=lm, max_errors=NO_ERROR_LIMIT):
+    with dspy.context(lm=lm, adapter=program_adapter(), max_errors=NO_ERROR_LIMIT):
         program = optimizer.compile(student.deepcopy(), **kwargs)
     program.set_lm(None)  # keep the program unbound: each step serves it with the LM of the weights in force
     return program

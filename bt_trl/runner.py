@@ -58,6 +58,12 @@ class RunSummary:
         )
 
 
+def program_adapter() -> dspy.Adapter:
+    """The adapter programs run with: the user's configured one, else DSPy's ChatAdapter without its JSON fallback,
+    so that an unparseable answer costs no second LM call in a format the w step does not train on."""
+    return dspy.settings.adapter or dspy.ChatAdapter(use_json_adapter_fallback=False)
+
+
 def metric_score(value, threshold: float | None) -> float:
     """A metric's return value as a score in [0, 1]; with a threshold, pass (1) or fail (0) as in DSPy."""
     score = float(value)
@@ -79,10 +85,12 @@ class ProgramRunner:
         """Calls `program` on every example with `lm`. With `with_trace`, records the module calls of each run and
         scores it with `metric(example, prediction, trace)` — the DSPy convention for "does this trace pass"."""
 
+        adapter = program_adapter()  # read here: DSPy settings are per thread
+
         def call(example: dspy.Example) -> ProgramCall:
             result = ProgramCall(example)
             trace: list = []
-            with dspy.context(lm=lm, trace=trace):
+            with dspy.context(lm=lm, trace=trace, adapter=adapter):
                 try:
                     result.prediction = program(**example.inputs())
                 except AdapterParseError:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import datasets
 import dspy
 
-from .runner import ProgramCall, RunSummary
+from .runner import ProgramCall, RunSummary, program_adapter
 
 
 @dataclass
@@ -18,10 +18,6 @@ class TraceDataset:
     @property
     def kept(self) -> int:
         return self.summary.passed
-
-
-def program_adapter() -> dspy.Adapter:
-    return dspy.settings.adapter or dspy.ChatAdapter()
 
 
 def trace_to_rows(trace: list, adapter: dspy.Adapter) -> list[dict]:
