@@ -13,10 +13,10 @@ from bt_trl.tasks import iris
 
 
 def test_embedded_model_p_w_p_on_reduced_iris(tmp_path):
-    train, val, _ = iris.load_splits(0, (8, 6, 0))
+    train, val, _ = iris.load_splits(0, (10, 6, 0))
     args = BetterTogetherConfig(
         str(tmp_path), strategy="p -> w -> p", report_to="none", num_candidate_programs=0,
-        max_bootstrapped_demos=2, max_labeled_demos=2, generation_max_tokens=64, num_threads=8,
+        max_bootstrapped_demos=1, max_labeled_demos=3, generation_max_tokens=80, num_threads=8,
         num_train_epochs=2, per_device_train_batch_size=4, learning_rate=2e-4, logging_steps=1,
         save_strategy="no", gradient_checkpointing=False, max_length=1024, seed=0,
     )
