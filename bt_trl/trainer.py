@@ -232,12 +232,13 @@ class BetterTogetherTrainer(SFTTrainer):
         """Scores the program on the valset with the current weights, saves the step's artifacts, logs it."""
         with self.serving() as lm:
             summary = self.runner.evaluate(self.program, self.valset, lm)
+            served_as = lm.model.removeprefix("bt_trl/")
         name = self._step_dir_name(index, kind)
         step_dir = Path(self.args.output_dir) / name
         new_weights = kind == "vanilla" or loss is not None
         result = StepResult(
             index=index, kind=kind, val_score=summary.score, weights_version=self._weights_version,
-            weights_dir=name if new_weights else state.steps[-1].weights_dir, lm_name=self.lm_name(),
+            weights_dir=name if new_weights else state.steps[-1].weights_dir, lm_name=served_as,
             seconds=time.perf_counter() - started, completion_tokens=self._step_tokens,
             program_calls=self._step_calls,
         )
