@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import dspy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
@@ -36,7 +37,9 @@ def main(cb_args: CallbackArguments, sft_args: SFTConfig, model_args: ModelConfi
     train, val, _ = iris.load_splits(0, (cb_args.train_size, cb_args.val_size, 0))
     generation = GenerationSettings(max_tokens=cb_args.generation_max_tokens)
 
-    prompts = PromptOptimizationCallback(iris.program(), iris.metric, train, val, tokenizer,
+    # A small model answers in DSPy's format only with demos: start from labeled demos so the first traces pass.
+    program = dspy.LabeledFewShot(k=3).compile(iris.program(), trainset=train)
+    prompts = PromptOptimizationCallback(program, iris.metric, train, val, tokenizer,
                                          every_n_epochs=cb_args.every_n_epochs, generation=generation,
                                          num_candidate_programs=0)
     # The first rows come from the initial program; later ones from the prompt callback's latest program.
