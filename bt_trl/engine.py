@@ -33,6 +33,8 @@ import torch
 from dspy.lm15 import Message, Response, TextPart, Usage
 from transformers import DynamicCache
 
+# DSPy LM names of served weights are LM_PREFIX + the weights' name (see lm_name).
+LM_PREFIX = "bt_trl/"
 # The ChatAdapter ends every answer with this marker; generating past it only produces text DSPy throws away.
 COMPLETION_MARKER = "[[ ## completed ## ]]"
 
@@ -306,7 +308,7 @@ def serving_lm(backend: GenerationBackend, name: str, settings: GenerationSettin
     """A `dspy.LM` named `name` that generates with `backend`; the engine's worker stops on exit."""
     engine = BatchingEngine(backend, max_batch_size=settings.max_batch_size, batch_wait=settings.batch_wait,
                             default_max_tokens=settings.max_tokens)
-    lm = dspy.LM(f"bt_trl/{name}", engine=engine, max_tokens=settings.max_tokens,
+    lm = dspy.LM(LM_PREFIX + name, engine=engine, max_tokens=settings.max_tokens,
                  temperature=settings.temperature, num_retries=0)
     try:
         yield lm

@@ -18,7 +18,7 @@ from trl.models import unwrap_model_for_generation
 
 from .config import BetterTogetherConfig
 from .data import check_examples, check_metric, to_examples
-from .engine import TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint
+from .engine import LM_PREFIX, TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint
 from .models import resolve_model_name_or_path
 from .prompt_step import default_prompt_optimizer, optimize_prompts
 from .results import RunState, StepResult, results_markdown, write_results
@@ -232,7 +232,7 @@ class BetterTogetherTrainer(SFTTrainer):
         """Scores the program on the valset with the current weights, saves the step's artifacts, logs it."""
         with self.serving() as lm:
             summary = self.runner.evaluate(self.program, self.valset, lm)
-            served_as = lm.model.removeprefix("bt_trl/")
+            served_as = lm.model.removeprefix(LM_PREFIX)
         name = self._step_dir_name(index, kind)
         step_dir = Path(self.args.output_dir) / name
         new_weights = kind == "vanilla" or loss is not None
