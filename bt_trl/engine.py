@@ -111,6 +111,9 @@ class TransformersBackend:
                 tokenizer=tok,
                 pad_token_id=pad,
                 top_k=None,
+                # The caller materializes every parameter (see BetterTogetherTrainer.generation_mode), so ranks
+                # generate independently; transformers' ZeRO-3 default would make each step a collective.
+                synced_gpus=False,
                 **sampling,
                 **kwargs,
             )
@@ -182,6 +185,19 @@ class EngineStats:
 
     def snapshot(self) -> EngineStats:
         return EngineStats(self.requests, self.batches, self.prompt_tokens, self.completion_tokens)
+
+    def add(self, other: EngineStats) -> None:
+        self.requests += other.requests
+        self.batches += other.batches
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+    def count(self, generations: Sequence[Generation]) -> None:
+        """Adds one backend call that produced `generations`."""
+        self.requests += len(generations)
+        self.batches += 1
+        self.prompt_tokens += sum(g.prompt_tokens for g in generations)
+        self.completion_tokens += sum(g.completion_tokens for g in generations)
 
 
 class BatchingEngine:
@@ -285,10 +301,7 @@ class BatchingEngine:
                         p.future.set_exception(exc)
                     continue
                 with self._lock:
-                    self.stats.requests += len(group)
-                    self.stats.batches += 1
-                    self.stats.prompt_tokens += sum(g.prompt_tokens for g in generations)
-                    self.stats.completion_tokens += sum(g.completion_tokens for g in generations)
+                    self.stats.count(generations)
                 for p, g in zip(group, generations):
                     p.future.set_result(g)
 
