@@ -18,8 +18,9 @@ class StepResult:
     weights_dir: str  # folder (relative to output_dir) holding this step's weights
     lm_name: str  # the DSPy LM name the program was served under
     seconds: float = 0.0
-    completion_tokens: int = 0  # generated in this step (optimization + valset scoring)
-    program_calls: int = 0
+    completion_tokens: int = 0  # generated in this step (optimization + valset scoring), all ranks
+    program_calls: int = 0  # LM calls generated in this step, all ranks
+    lm_calls_per_rank: list[int] | None = None  # the same, per rank
     # w steps only
     traces_kept: int | None = None
     traces_total: int | None = None

@@ -1,7 +1,7 @@
 """The one place where a DSPy program is run over a list of examples.
 
-Valset scoring and trace collection both go through `ProgramRunner.run`, so splitting the examples across ranks or
-changing how calls are scheduled is a change here only. Runtime faults of single calls — an output the adapter cannot
+Valset scoring and trace collection both go through `ProgramRunner.run`; under several ranks each rank runs a share
+of the examples and every rank gets all the results (see `bt_trl/ranks.py`). Runtime faults of single calls — an output the adapter cannot
 parse, a metric that raises, any other program error — are caught per example, counted by kind, and never stop the
 run.
 """
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import dspy
 from dspy.utils.exceptions import AdapterParseError
+
+from .ranks import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,28 @@ class ProgramCall:
     @property
     def passed(self) -> bool:
         return self.error is None and self.score > 0
+
+    def portable(self, program: dspy.Module) -> ProgramCall:
+        """A copy that can be sent to another rank. Predictors and predictions refer to dynamically created
+        signature classes, which do not pickle: the trace names each predictor by its name in `program`, and
+        predictions keep their fields only."""
+        names = {id(predictor): name for name, predictor in program.named_predictors()}
+        try:
+            trace = [(names[id(predictor)], inputs, _fields(outputs)) for predictor, inputs, outputs in self.trace]
+        except KeyError:
+            raise ValueError("the program called a predictor that is not one of its named_predictors(); every module "
+                             "call must go through a predictor attribute of the program") from None
+        prediction = None if self.prediction is None else _fields(self.prediction)
+        return replace(self, prediction=prediction, trace=trace)
+
+    def restored(self, program: dspy.Module) -> ProgramCall:
+        """The inverse of `portable`, on a rank holding the same program."""
+        predictors = dict(program.named_predictors())
+        return replace(self, trace=[(predictors[name], inputs, outputs) for name, inputs, outputs in self.trace])
+
+
+def _fields(prediction: dspy.Prediction) -> dspy.Prediction:
+    return dspy.Prediction(**prediction.toDict())
 
 
 @dataclass
@@ -73,17 +97,33 @@ def metric_score(value, threshold: float | None) -> float:
 
 
 class ProgramRunner:
-    """Runs a program over examples with `num_threads` concurrent calls (which the LM engine batches)."""
+    """Runs a program over examples with `num_threads` concurrent calls (which the LM engine batches). With `ranks`
+    spanning several processes, each runs its share of the examples (every rank must call `run` together)."""
 
-    def __init__(self, metric: Metric, num_threads: int = 8, metric_threshold: float | None = None):
+    def __init__(self, metric: Metric, num_threads: int = 8, metric_threshold: float | None = None,
+                 ranks: Ranks | None = None):
         self.metric = metric
         self.num_threads = num_threads
         self.metric_threshold = metric_threshold
+        self.ranks = ranks
+        self.local_calls = 0  # program calls made by this process
 
     def run(self, program: dspy.Module, examples: list[dspy.Example], lm: dspy.LM,
             with_trace: bool = False) -> list[ProgramCall]:
         """Calls `program` on every example with `lm`. With `with_trace`, records the module calls of each run and
-        scores it with `metric(example, prediction, trace)` — the DSPy convention for "does this trace pass"."""
+        scores it with `metric(example, prediction, trace)` — the DSPy convention for "does this trace pass".
+        Returns one `ProgramCall` per example, in order, on every rank."""
+        if self.ranks is None or self.ranks.world_size == 1:
+            return self._run_here(program, examples, lm, with_trace)
+        shared = self.ranks.map_split(
+            lambda share: [c.portable(program) for c in self._run_here(program, share, lm, with_trace)], examples
+        )
+        return [call.restored(program) for call in shared]
+
+    def _run_here(self, program: dspy.Module, examples, lm: dspy.LM, with_trace: bool) -> list[ProgramCall]:
+        self.local_calls += len(examples)
+        if not examples:
+            return []
 
         adapter = program_adapter()  # read here: DSPy settings are per thread
 
