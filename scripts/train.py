@@ -18,7 +18,7 @@ from pathlib import Path
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, BetterTogetherTrainer
-from bt_trl.tasks import TASKS, get_task
+from bt_trl.tasks import TASKS, Task, load_task
 
 
 @dataclass
@@ -28,30 +28,56 @@ class TaskArguments:
     train_size: int = field(default=50, metadata={"help": "Training examples (bootstrapping, traces)."})
     val_size: int = field(default=50, metadata={"help": "Validation examples (candidate selection, step scores)."})
     test_size: int = field(default=50, metadata={"help": "Test examples scored with the final program."})
+    data_path: str | None = field(
+        default=None,
+        metadata={"help": "gsm8k, hotpotqa: a local .jsonl file or folder of <split>.jsonl files, or a Hub dataset id "
+                          "(default: the task's Hub dataset)."},
+    )
+    retriever: str | None = field(
+        default=None,
+        metadata={"help": "hotpotqa: 'bm25' (default; offline, over the loaded records' paragraphs), 'colbertv2' (the "
+                          "paper's wiki17_abstracts server) or 'colbertv2:<url>'."},
+    )
+
+    def load(self) -> Task:
+        return load_task(self.task, self.split_seed, (self.train_size, self.val_size, self.test_size),
+                         data_path=self.data_path, retriever=self.retriever)
 
 
-def main(task_args: TaskArguments, args: BetterTogetherConfig, model_args: ModelConfig) -> None:
-    task = get_task(task_args.task)
-    train, val, test = task.load_splits(task_args.split_seed, (task_args.train_size, task_args.val_size,
-                                                               task_args.test_size))
-    started = time.perf_counter()
+def build_trainer(task: Task, args: BetterTogetherConfig, model_args: ModelConfig) -> BetterTogetherTrainer:
     trainer = BetterTogetherTrainer(
         model=model_args.model_name_or_path or EMBEDDED_MODEL,
         args=args,
         program=task.program(),
         metric=task.metric,
-        trainset=train,
-        valset=val,
+        trainset=task.train,
+        valset=task.val,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train()
-    test_score = trainer.evaluate_program(test).score if test else None
+    trainer.task_name = task.name  # recorded on push: load_program rebuilds the task's program
+    return trainer
+
+
+def train_and_test(trainer: BetterTogetherTrainer, task: Task) -> dict | None:
+    """Runs the strategy (continuing an interrupted run in `--resume_from_checkpoint`), scores the best program on
+    the test set and writes `summary.json`; returns the summary on the main process."""
+    args = trainer.args
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    test_score = trainer.evaluate_program(task.test).score if task.test else None
     seconds = time.perf_counter() - started
-    if trainer.is_world_process_zero():
-        summary = {"task": task_args.task, "strategy": args.strategy, "test_score": test_score,
-                   "wall_seconds": round(seconds, 1)}
-        Path(args.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"test score: {test_score}  wall time: {seconds:.0f} s  outputs: {args.output_dir}")
+    if not trainer.is_world_process_zero():
+        return None
+    summary = {"task": task.name, "strategy": args.strategy, "test_score": test_score,
+               "wall_seconds": round(seconds, 1)}
+    Path(args.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"test score: {test_score}  wall time: {seconds:.0f} s  outputs: {args.output_dir}")
+    return summary
+
+
+def main(task_args: TaskArguments, args: BetterTogetherConfig, model_args: ModelConfig) -> None:
+    task = task_args.load()
+    train_and_test(build_trainer(task, args, model_args), task)
 
 
 if __name__ == "__main__":
