@@ -17,6 +17,7 @@ from trl import SFTTrainer
 from trl.models import unwrap_model_for_generation
 
 from .config import BetterTogetherConfig
+from . import hub
 from .data import check_examples, check_metric, to_examples
 from .engine import LM_PREFIX, TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint
 from .models import resolve_model_name_or_path
@@ -28,7 +29,7 @@ from .weight_step import TraceDataset, traces_to_dataset
 
 logger = logging.getLogger(__name__)
 
-PROGRAM_FILE = "program.json"
+PROGRAM_FILE = hub.PROGRAM_FILE  # the file load_program reads
 SFT_DATASET_FILE = "sft_dataset.jsonl"
 
 
@@ -302,6 +303,8 @@ class BetterTogetherTrainer(SFTTrainer):
             print(f"BetterTogether {self.args.strategy}: best step {best.index} ({best.kind})\n"
                   f"{results_markdown(state)}")
         self.program = self.bind_program(program)
+        if self.args.push_to_hub:
+            self.push_to_hub()
         last_loss = next((s.last_loss for s in reversed(state.steps) if s.last_loss is not None), 0.0)
         return TrainOutput(self.state.global_step, last_loss,
                            {"best_step": best.index, "best_val_score": best.val_score})
@@ -335,4 +338,112 @@ class BetterTogetherTrainer(SFTTrainer):
     @staticmethod
     def _step_dir_name(index: int, kind: str) -> str:
         return f"step_{index}_{kind}"
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Hugging Face Hub: the run's result is pushed once, when it is complete (layout and loading: bt_trl/hub.py)
+    # ------------------------------------------------------------------------------------------------------------
+
+    # The `bt_trl.tasks` name the program comes from (scripts/train.py sets it). Pushed repositories record it, so that
+    # `load_program` can rebuild the program without being given one.
+    task_name: str | None = None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model` without its push on every save: a run saves after every step, before its result is
+        known. It pushes once, when `train()` ends (with `push_to_hub=True`) or on `push_to_hub()`."""
+        super().save_model(output_dir, _internal_call=True)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """No checkpoint pushes: during a w step `output_dir` is the step's folder, and transformers would push that
+        folder as the repository, replacing the run's result."""
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Creates (or finds) the repository `hub_model_id`. With `push_to_hub=True` this runs at construction, so a
+        missing token or an unreachable Hub is reported before any training (`hub.HubError`)."""
+        if not self.is_world_process_zero():
+            return
+        token = hub.resolve_token(token if token is not None else self.args.hub_token, self.args.output_dir)
+        private = private if private is not None else self.args.hub_private_repo
+        repo_name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        self.hub_model_id = hub.create_repo(repo_name, token, private, self.args.output_dir)
+        self.push_in_progress = None
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        """Writes the BetterTogether model card to `output_dir/README.md`: base model, strategy, every step's valset
+        score and pass rate, the key configuration and how to load the program. (`dataset_name` is TRL's argument;
+        the results table names the sets.)"""
+        if not self.is_world_process_zero() or self.run_state is None:
+            return
+        metadata = self._run_metadata()
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in ["bettertogether", "dspy", *self._tag_names] if t not in tags]
+        if metadata.weights == "adapter":
+            tags.append("peft")
+        model_name = model_name or Path(self.args.hub_model_id or self.args.output_dir).name
+        card = hub.model_card(metadata, self.run_state, self.hub_model_id or model_name, model_name,
+                              self._card_config_rows(), tags)
+        card.save(str(Path(self.args.output_dir) / hub.CARD_FILE))
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Uploads the run's result to `hub_model_id`, in one commit: the weights (adapter or full model) and the
+        tokenizer, `program.json` (the optimized program, DSPy JSON), `results.md`/`results.json`,
+        `bettertogether.json` (what `bt_trl.load_program` reads) and the model card (`kwargs` go to
+        `create_model_card`). They are first written to `output_dir`.
+
+        Every rank calls it (saving may gather weights); only the main process writes and uploads. A missing token,
+        an unreachable Hub or a failed upload raise `hub.HubError` naming the cause, with `output_dir` intact.
+        Returns huggingface_hub's `CommitInfo` (a `Future` of it when not `blocking`).
+        """
+        if self.program is None or self.run_state is None:
+            raise ValueError("push_to_hub: nothing to push yet; train() produces the program and results it pushes")
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = Path(self.args.output_dir)
+        # Checked on every rank (it only reads the environment), before anything is written: saving would replace
+        # the card in output_dir (PEFT writes its own) and a push that cannot happen must leave output_dir as it was.
+        token = hub.resolve_token(token if token is not None else self.args.hub_token, output_dir)
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(self.args.output_dir)
+        if not self.is_world_process_zero():
+            return None
+        hub.save_program(self.program, output_dir / hub.PROGRAM_FILE)
+        write_results(self.run_state, output_dir)
+        self._run_metadata().save(output_dir)
+        self.create_model_card(**kwargs)
+
+        def upload():
+            return hub.upload_run(output_dir, self.hub_model_id, token, commit_message or "End of training",
+                                  revision or self.args.hub_revision)
+
+        return upload() if blocking else hub.hub_api().run_as_future(upload)
+
+    def _run_metadata(self) -> hub.RunMetadata:
+        model = self.accelerator.unwrap_model(self.model)
+        best = self.run_state.best()
+        return hub.RunMetadata(
+            weights="adapter" if isinstance(model, PeftModel) else "full",
+            base_model=hub.portable_model_id(getattr(model.config, "_name_or_path", None)),
+            task=self.task_name, strategy=" -> ".join(self.run_state.strategy), best_step=best.index,
+            best_val_score=best.val_score, max_tokens=self.args.generation_max_tokens,
+            temperature=self.args.generation_temperature,
+        )
+
+    def _card_config_rows(self) -> list[tuple[str, object]]:
+        args = self.args
+        rows = [(name, getattr(args, name)) for name in (
+            "strategy", "w_step_init", "max_bootstrapped_demos", "max_labeled_demos", "num_candidate_programs",
+            "metric_threshold", "learning_rate", "num_train_epochs", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "max_length", "generation_max_tokens", "generation_temperature", "seed",
+        )]
+        rows += [("trainset / valset", f"{len(self.trainset)} / {len(self.valset)} examples"),
+                 ("prompt optimizer", type(self.prompt_optimizer).__name__)]
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PeftModel):
+            peft_config = model.peft_config[model.active_adapter]
+            modules = peft_config.target_modules
+            modules = modules if isinstance(modules, str) or modules is None else ", ".join(sorted(modules))
+            rows.append(("PEFT", f"{peft_config.peft_type.value}, r={getattr(peft_config, 'r', None)}, "
+                                 f"alpha={getattr(peft_config, 'lora_alpha', None)}, target modules: {modules}"))
+        return rows
 
