@@ -6,9 +6,11 @@ import torch
 from trl import SFTConfig
 
 from .engine import GenerationSettings
+from .vllm_backend import check_vllm_usable
 from .strategy import parse_strategy
 
 W_STEP_INITS = ("continue", "base")
+GENERATION_BACKENDS = ("transformers", "vllm")
 
 
 @dataclass
@@ -52,11 +54,22 @@ class BetterTogetherConfig(SFTConfig):
         generation_batch_size (`int`, *optional*, defaults to `8`):
             Maximum number of requests generated in one batch.
         generation_batch_wait (`float`, *optional*, defaults to `0.02`):
-            Seconds the engine waits for more requests before it starts a batch.
+            A batch starts once no new request has arrived for this many seconds (or `generation_batch_size` are
+            waiting).
         generation_max_tokens (`int`, *optional*, defaults to `256`):
             Maximum new tokens per LM call. Generation also stops at the adapter's completion marker.
         generation_temperature (`float`, *optional*, defaults to `0.0`):
             Sampling temperature of the program's LM; `0.0` is greedy decoding.
+        generation_backend (`str`, *optional*, defaults to `"transformers"`):
+            What generates the program's LM calls: `"transformers"` batches `generate` on the live model being
+            trained (any device); `"vllm"` runs a vLLM engine colocated with training on the same GPU, which serves
+            each new LoRA adapter (or, for full fine-tuning, weights copied in place) without reloading the model.
+            `"vllm"` needs `pip install 'bt_trl[vllm]'` and a CUDA GPU; without them the config raises at once.
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
+            With `generation_backend="vllm"`: share of the GPU's memory vLLM reserves for its weights and KV cache;
+            training uses the rest.
+        vllm_max_model_length (`int`, *optional*):
+            With `generation_backend="vllm"`: longest prompt + completion vLLM plans for (default: the model's).
 
         > Parameters that control the data
 
@@ -89,10 +102,24 @@ class BetterTogetherConfig(SFTConfig):
     num_threads: int = field(default=8, metadata={"help": "Concurrent program calls (DSPy threads)."})
     generation_batch_size: int = field(default=8, metadata={"help": "Maximum requests generated in one batch."})
     generation_batch_wait: float = field(
-        default=0.02, metadata={"help": "Seconds the engine waits for more requests before starting a batch."}
+        default=0.02, metadata={"help": "A batch starts once no new request has arrived for this many seconds."}
     )
     generation_max_tokens: int = field(default=256, metadata={"help": "Maximum new tokens per LM call."})
     generation_temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0.0 is greedy."})
+    generation_backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "What generates program calls: 'transformers' (batched generate on the live model) or 'vllm' "
+            "(vLLM colocated on the GPU, new adapters served without reloading; needs bt_trl[vllm] and CUDA).",
+            "choices": list(GENERATION_BACKENDS),
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "With generation_backend='vllm': share of GPU memory vLLM reserves."}
+    )
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "With generation_backend='vllm': longest prompt + completion (tokens)."}
+    )
     input_columns: list[str] | None = field(
         default=None, metadata={"help": "Columns of a datasets.Dataset trainset/valset that are program inputs."}
     )
@@ -128,3 +155,11 @@ class BetterTogetherConfig(SFTConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.generation_temperature < 0:
             raise ValueError(f"generation_temperature must be >= 0, got {self.generation_temperature}")
+        if self.generation_backend not in GENERATION_BACKENDS:
+            raise ValueError(
+                f"generation_backend must be one of {GENERATION_BACKENDS}, got {self.generation_backend!r}"
+            )
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.generation_backend == "vllm":
+            check_vllm_usable()

@@ -1,9 +1,9 @@
 """The LM engine: DSPy program calls served from the live model being trained.
 
-Two layers, so that the generation backend can change (batched transformers today, vLLM later) without touching
-DSPy or the trainer:
+Two layers, so that the generation backend can change (batched transformers here, vLLM in `vllm_backend.py`)
+without touching DSPy or the trainer:
 
-* `GenerationBackend` — the one small interface: a batch of chat prompts + one `SamplingParams` in, one
+* `GenerationBackend` — the one small interface: a batch of chat prompts + one `SamplingParams` each in, one
   `Generation` per prompt out. `TransformersBackend` implements it with `model.generate` on the live model.
 * `BatchingEngine` — a DSPy 3.4 custom engine (`dspy.LM(..., engine=...)`, the supported extension point; the
   `BaseLM.forward` override is deprecated). DSPy calls `complete(Request)` from many threads at once; a single
@@ -19,7 +19,6 @@ import copy
 import hashlib
 import queue
 import threading
-import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -31,7 +30,7 @@ from typing import Protocol
 import dspy
 import torch
 from dspy.lm15 import Message, Response, TextPart, Usage
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 # DSPy LM names of served weights are LM_PREFIX + the weights' name (see lm_name).
 LM_PREFIX = "bt_trl/"
@@ -56,9 +55,10 @@ class Generation:
 
 
 class GenerationBackend(Protocol):
-    """Generates one completion per chat prompt. Called from one thread at a time."""
+    """Generates one completion per chat prompt, each with its own `SamplingParams` (`params[i]` for `prompts[i]`).
+    Called from one thread at a time."""
 
-    def generate(self, prompts: Sequence[list[dict]], params: SamplingParams) -> list[Generation]: ...
+    def generate(self, prompts: Sequence[list[dict]], params: Sequence[SamplingParams]) -> list[Generation]: ...
 
 
 class TransformersBackend:
@@ -66,6 +66,10 @@ class TransformersBackend:
 
     The caller owns the model's mode: it must be in eval mode with the KV cache usable (see
     `BetterTogetherTrainer.generation_mode`) and must not change the weights while this backend is in use.
+
+    Rows of one batch may differ in temperature, top-p and max tokens (a logits processor samples each row with its
+    own settings, greedy rows take the argmax; a stopping criterion ends each row at its own token limit). They share
+    stop strings: transformers checks one set for the whole batch (`BatchingEngine` groups requests by them).
 
     Prompt prefixes are reused: the requests of one candidate program share a long prefix (system prompt and demos),
     and on CPU prefill dominates generation. The longest prefix common to a batch is encoded once (and kept for the
@@ -82,10 +86,11 @@ class TransformersBackend:
         self.cached_prefixes = cached_prefixes
         self._prefix_cache: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
 
-    def generate(self, prompts: Sequence[list[dict]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: Sequence[list[dict]], params: Sequence[SamplingParams]) -> list[Generation]:
+        if len(params) != len(prompts) or len({p.stop for p in params}) > 1:
+            raise ValueError("one SamplingParams per prompt is needed, all with the same stop strings")
         tok = self.tokenizer
-        texts = [tok.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
-        rows = tok(texts, add_special_tokens=False)["input_ids"]
+        rows = encode_chats(tok, prompts)
         shared = min(_common_prefix_length(rows), min(len(r) for r in rows) - 1)
         if shared < self.min_shared_prefix:
             shared = 0
@@ -98,15 +103,20 @@ class TransformersBackend:
         kwargs = {}
         if shared:
             kwargs["cache"] = self._prefix_kv(tuple(prefix), len(rows))
-        stop = tuple(dict.fromkeys(self.stop_strings + params.stop))
+        stop = tuple(dict.fromkeys(self.stop_strings + params[0].stop))
+        limits = [p.max_tokens for p in params]
+        if len(set(limits)) > 1:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_RowTokenLimits(len(input_ids[0]), limits, device)])
         sampling = {"do_sample": False}
-        if params.temperature > 0:
-            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p or 1.0}
+        if any(p.temperature > 0 for p in params):
+            # Built-in warpers are neutral (temperature 1, top-p 1, no top-k); _RowSampling applies each row's own.
+            sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0,
+                        "logits_processor": LogitsProcessorList([_RowSampling(params, device)])}
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=torch.tensor(input_ids, device=device),
                 attention_mask=torch.tensor(attention, device=device),
-                max_new_tokens=params.max_tokens,
+                max_new_tokens=max(limits),
                 stop_strings=list(stop) or None,
                 tokenizer=tok,
                 pad_token_id=pad,
@@ -120,7 +130,8 @@ class TransformersBackend:
         new_tokens = out[:, len(input_ids[0]) :].tolist()
         eos_ids = _eos_token_ids(self.model, tok)
         results = []
-        for tokens, row in zip(new_tokens, rows):
+        for tokens, row, limit in zip(new_tokens, rows, limits):
+            tokens = tokens[:limit]  # rows stopped at their own limit are padded up to the batch's longest
             eos_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
             end = len(tokens) if eos_at is None else eos_at + 1
             text = tok.decode(tokens[:end], skip_special_tokens=True)
@@ -150,6 +161,44 @@ class TransformersBackend:
         batch_cache = copy.deepcopy(cache)
         batch_cache.batch_repeat_interleave(batch_size)
         return batch_cache
+
+
+class _RowTokenLimits(StoppingCriteria):
+    """Ends each row once it has generated its own `max_tokens` (generate() only knows one limit per batch)."""
+
+    def __init__(self, prompt_width: int, limits: list[int], device):
+        self.prompt_width = prompt_width
+        self.limits = torch.tensor(limits, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return (input_ids.shape[1] - self.prompt_width) >= self.limits
+
+
+class _RowSampling(LogitsProcessor):
+    """Per-row temperature and top-p. Greedy rows (temperature 0) keep only their argmax, so sampling picks exactly
+    the token greedy decoding would."""
+
+    def __init__(self, params: Sequence[SamplingParams], device):
+        self.greedy = torch.tensor([p.temperature <= 0 for p in params], device=device)
+        self.temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
+                                        device=device).unsqueeze(1)
+        self.top_p = torch.tensor([p.top_p or 1.0 for p in params], device=device).unsqueeze(1)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        argmax_only = torch.full_like(scores, float("-inf")).scatter(-1, scores.argmax(-1, keepdim=True), 0.0)
+        scores = scores / self.temperature
+        # top-p: keep the smallest set of most likely tokens whose probability reaches the row's top_p
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        sorted_drop = probs.cumsum(dim=-1) - probs >= self.top_p
+        drop = torch.zeros_like(sorted_drop).scatter(-1, order, sorted_drop)
+        return torch.where(self.greedy.unsqueeze(1), argmax_only, scores.masked_fill(drop, float("-inf")))
+
+
+def encode_chats(tokenizer, prompts: Sequence[list[dict]]) -> list[list[int]]:
+    """Token ids of each chat prompt under the tokenizer's chat template, ending with the assistant turn's opening."""
+    texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def _common_prefix_length(rows: list[list[int]]) -> int:
@@ -203,9 +252,13 @@ class EngineStats:
 class BatchingEngine:
     """DSPy custom engine that micro-batches concurrent requests onto a `GenerationBackend`.
 
-    A worker thread takes the first waiting request, waits up to `batch_wait` seconds for more (up to
-    `max_batch_size`), groups them by sampling parameters and generates each group in one backend call. Requests that
-    arrive while a batch is generating are served together in the next one.
+    A worker thread takes the first waiting request, keeps adding requests until none has arrived for `batch_wait`
+    seconds (or `max_batch_size` are waiting) and generates them in one backend call, each with its own temperature,
+    top-p and max tokens; only requests with different stop strings go to separate calls. Requests that arrive while a
+    batch is generating are served together in the next one.
+
+    DSPy 3.4 asks a custom engine for one candidate per `complete()`: a call with `n=3` arrives as three requests in
+    a row from the same thread, each batched with whatever the other threads are waiting on.
     """
 
     def __init__(self, backend: GenerationBackend, max_batch_size: int = 8, batch_wait: float = 0.02,
@@ -224,11 +277,6 @@ class BatchingEngine:
         return self
 
     def complete(self, request) -> Response:
-        messages = []
-        if request.system is not None:
-            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
-            messages.append({"role": "system", "content": system})
-        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
         config = request.config
         params = SamplingParams(
             max_tokens=config.max_tokens or self.default_max_tokens,
@@ -236,21 +284,10 @@ class BatchingEngine:
             top_p=config.top_p,
             stop=tuple(config.stop or ()),
         )
-        pending = _Pending(messages, params)
+        pending = _Pending(chat_messages(request), params)
         self._ensure_worker()
         self._queue.put(pending)
-        gen: Generation = pending.future.result()
-        return Response(
-            id=None,
-            model=request.model,
-            message=Message.assistant([TextPart(gen.text)]),
-            finish_reason=gen.finish_reason,
-            usage=Usage(
-                input_tokens=gen.prompt_tokens,
-                output_tokens=gen.completion_tokens,
-                total_tokens=gen.prompt_tokens + gen.completion_tokens,
-            ),
-        )
+        return response(request, pending.future.result())
 
     def stream(self, request):
         from dspy.lm15 import response_to_events
@@ -275,11 +312,11 @@ class BatchingEngine:
         if first is None:
             return None
         batch = [first]
-        deadline = time.monotonic() + self.batch_wait
         while len(batch) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                # DSPy threads format their prompts one at a time (the GIL), so the requests of one round arrive
+                # spread out: the batch closes once none has arrived for batch_wait seconds.
+                item = self._queue.get(timeout=self.batch_wait)
             except queue.Empty:
                 break
             if item is None:  # shutting down: serve what we have, then stop
@@ -290,12 +327,12 @@ class BatchingEngine:
 
     def _serve(self) -> None:
         while (batch := self._next_batch()) is not None:
-            groups: dict[SamplingParams, list[_Pending]] = defaultdict(list)
+            groups: dict[tuple[str, ...], list[_Pending]] = defaultdict(list)
             for item in batch:
-                groups[item.params].append(item)
-            for params, group in groups.items():
+                groups[item.params.stop].append(item)
+            for group in groups.values():
                 try:
-                    generations = self.backend.generate([p.messages for p in group], params)
+                    generations = self.backend.generate([p.messages for p in group], [p.params for p in group])
                 except BaseException as exc:  # delivered to the waiting DSPy threads, which count it
                     for p in group:
                         p.future.set_exception(exc)
@@ -304,6 +341,31 @@ class BatchingEngine:
                     self.stats.count(generations)
                 for p, g in zip(group, generations):
                     p.future.set_result(g)
+
+
+def chat_messages(request) -> list[dict]:
+    """A DSPy engine request (`dspy.lm15.Request`) as chat messages for a chat template."""
+    messages = []
+    if request.system is not None:
+        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+        messages.append({"role": "system", "content": system})
+    messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+    return messages
+
+
+def response(request, generation: Generation) -> Response:
+    """The DSPy engine response to `request` carrying `generation`."""
+    return Response(
+        id=None,
+        model=request.model,
+        message=Message.assistant([TextPart(generation.text)]),
+        finish_reason=generation.finish_reason,
+        usage=Usage(
+            input_tokens=generation.prompt_tokens,
+            output_tokens=generation.completion_tokens,
+            total_tokens=generation.prompt_tokens + generation.completion_tokens,
+        ),
+    )
 
 
 @dataclass(frozen=True)

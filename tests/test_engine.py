@@ -1,14 +1,18 @@
+import importlib.util
 import threading
 
 import dspy
 import pytest
 import torch
+from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 
+from bt_trl.config import BetterTogetherConfig
 from bt_trl.engine import (
     BatchingEngine, GenerationSettings, SamplingParams, TransformersBackend, lm_name, serving_lm, weights_fingerprint,
 )
 from bt_trl.tasks import iris
+from bt_trl.vllm_backend import VLLMBackend
 
 
 def iris_prompts(n, demos=3):
@@ -25,9 +29,9 @@ def test_batched_greedy_equals_unbatched(format_model, tokenizer):
     params = SamplingParams(max_tokens=40)
     shared = TransformersBackend(format_model, tokenizer)  # reuses the demos' KV cache across rows
     plain = TransformersBackend(format_model, tokenizer, min_shared_prefix=10**9)
-    one_by_one = [plain.generate([p], params)[0] for p in prompts]
+    one_by_one = [plain.generate([p], [params])[0] for p in prompts]
     for backend in (shared, plain):
-        batched = backend.generate(prompts, params)
+        batched = backend.generate(prompts, [params] * len(prompts))
         assert [g.text for g in batched] == [g.text for g in one_by_one]
     assert all("[[ ## answer ## ]]" in g.text for g in one_by_one)  # the format model answers in DSPy's format
     # Generation stops at the completion marker, which (OpenAI-style) is not part of the text.
@@ -48,6 +52,45 @@ class RecordingBackend:
         return self.backend.generate(prompts, params)
 
 
+def test_mixed_sampling_parameters_in_one_batch(format_model, tokenizer):
+    """Greedy and sampled rows, with different token limits, generated together: each row follows its own settings
+    and greedy rows are exactly what greedy decoding gives them alone."""
+    prompts = iris_prompts(4)
+    params = [SamplingParams(max_tokens=40), SamplingParams(max_tokens=30, temperature=5.0),
+              SamplingParams(max_tokens=6), SamplingParams(max_tokens=30, temperature=5.0, top_p=0.5)]
+    backend = TransformersBackend(format_model, tokenizer)
+    alone = [backend.generate([prompt], [p])[0] for prompt, p in zip(prompts, params)]
+    torch.manual_seed(0)
+    together = backend.generate(prompts, params)
+    for row in (0, 2):
+        assert together[row].text == alone[row].text
+        assert together[row].completion_tokens == alone[row].completion_tokens
+    assert together[2].completion_tokens == 6 and together[2].finish_reason == "length"
+    # At temperature 5 the tiny model's samples leave the greedy path within a few tokens.
+    greedy_of_sampled = backend.generate([prompts[1], prompts[3]], [SamplingParams(max_tokens=30)] * 2)
+    assert together[1].text != greedy_of_sampled[0].text and together[3].text != greedy_of_sampled[1].text
+    assert all(g.completion_tokens <= p.max_tokens for g, p in zip(together, params))
+
+
+def test_row_sampling_processor():
+    """Each row's own temperature and top-p; greedy rows keep only their argmax."""
+    from bt_trl.engine import _RowSampling
+
+    probs = torch.tensor([[0.15, 0.5, 0.3, 0.05]] * 3)
+    params = [SamplingParams(max_tokens=1), SamplingParams(max_tokens=1, temperature=1.0, top_p=0.7),
+              SamplingParams(max_tokens=1, temperature=2.0)]
+    out = _RowSampling(params, "cpu")(None, probs.log())
+    assert torch.isfinite(out).tolist() == [[False, True, False, False], [False, True, True, False], [True] * 4]
+    assert torch.allclose(out[1, 1:3].softmax(-1), torch.tensor([0.5, 0.3]) / 0.8)
+    assert torch.allclose(out[2].softmax(-1), (probs[2].log() / 2).softmax(-1))
+
+
+def test_different_stop_strings_need_separate_calls(format_model, tokenizer):
+    backend = TransformersBackend(format_model, tokenizer)
+    with pytest.raises(ValueError, match="same stop strings"):
+        backend.generate(iris_prompts(2), [SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, stop=("x",))])
+
+
 def test_concurrent_dspy_calls_are_batched(format_model, tokenizer):
     backend = RecordingBackend(TransformersBackend(format_model, tokenizer))
     _, val, _ = iris.load_splits(0, (0, 8, 0))
@@ -60,10 +103,39 @@ def test_concurrent_dspy_calls_are_batched(format_model, tokenizer):
         stats = lm.engine.stats
         assert stats.requests == 8
         assert stats.batches < 8 and max(n for n, _ in backend.calls) > 1
+        assert all(len(params) == n for n, params in backend.calls)
         assert stats.completion_tokens > 0
         usage = lm.history[-1]["usage"]
         assert usage["completion_tokens"] > 0 and usage["prompt_tokens"] > 100
     assert len(result.results) == 8
+
+
+def test_requests_with_different_settings_share_a_batch(format_model, tokenizer):
+    backend = RecordingBackend(TransformersBackend(format_model, tokenizer))
+    settings = [dict(temperature=0.0, max_tokens=12), dict(temperature=0.8, max_tokens=9),
+                dict(temperature=0.0, max_tokens=5), dict(temperature=1.3, max_tokens=7)]
+    outputs = [None] * len(settings)
+    with serving_lm(backend, "test-mixed", GenerationSettings(max_batch_size=4, batch_wait=2.0)) as lm:
+        lm.cache = False
+        barrier = threading.Barrier(len(settings))
+
+        def call(i):
+            barrier.wait()
+            outputs[i] = lm("Name a flower.", **settings[i])[0]
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(settings))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(backend.calls) == 1  # one batch, not one per temperature / max_tokens
+        size, params = backend.calls[0]
+        assert size == 4 and {(p.temperature, p.max_tokens) for p in params} == {
+            (s["temperature"], s["max_tokens"]) for s in settings}
+    messages = [{"role": "user", "content": "Name a flower."}]
+    for i in (0, 2):
+        alone = backend.backend.generate([messages], [SamplingParams(max_tokens=settings[i]["max_tokens"])])[0]
+        assert outputs[i] == alone.text
 
 
 def test_sampling_parameters_and_n_are_honoured(format_model, tokenizer):
@@ -72,10 +144,10 @@ def test_sampling_parameters_and_n_are_honoured(format_model, tokenizer):
         lm.cache = False
         outputs = lm("Say hi", n=3, temperature=0.9, max_tokens=7)
         assert len(outputs) == 3
-        assert {params for _, params in backend.calls} == {SamplingParams(max_tokens=7, temperature=0.9)}
+        assert {p for _, params in backend.calls for p in params} == {SamplingParams(max_tokens=7, temperature=0.9)}
         assert len(lm.history[-1]["outputs"]) == 3
         greedy = lm("Say hi")
-        assert backend.calls[-1][1] == SamplingParams(max_tokens=16, temperature=0.0)
+        assert backend.calls[-1][1] == [SamplingParams(max_tokens=16, temperature=0.0)]
         assert isinstance(greedy[0], str)
 
 
@@ -115,3 +187,18 @@ def test_new_lm_name_per_weights_version(format_model):
     assert lm_name(model, base) == first
     # A different base model gives another name even with identical adapters.
     assert lm_name(model, "another-base") != first
+
+
+def test_vllm_backend_is_refused_before_any_model_work(tmp_path, tokenizer):
+    vllm_installed = importlib.util.find_spec("vllm") is not None
+    if vllm_installed and torch.cuda.is_available():
+        pytest.skip("vLLM can run on this machine")
+    with pytest.raises(ValueError, match="generation_backend='vllm' cannot run here") as refused:
+        BetterTogetherConfig(output_dir=str(tmp_path), generation_backend="vllm")
+    assert ("pip install 'bt_trl[vllm]'" in str(refused.value)) != vllm_installed
+    assert ("no CUDA GPU" in str(refused.value)) != torch.cuda.is_available()
+    with pytest.raises(ValueError, match="cannot run here"):  # the backend itself checks too
+        VLLMBackend(tiny_model(tokenizer), tokenizer)
+    with pytest.raises(ValueError, match="generation_backend must be one of"):
+        BetterTogetherConfig(output_dir=str(tmp_path), generation_backend="tgi")
+    assert BetterTogetherConfig(output_dir=str(tmp_path)).generation_backend == "transformers"
