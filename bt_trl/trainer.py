@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import datasets
@@ -14,17 +16,22 @@ from safetensors.torch import load_file
 from transformers import set_seed
 from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
+from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
 
 from .config import BetterTogetherConfig
 from . import hub
 from .data import check_examples, check_metric, to_examples
-from .engine import LM_PREFIX, TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint
+from .engine import (
+    LM_PREFIX, EngineStats, GenerationBackend, TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint,
+)
 from .models import resolve_model_name_or_path
 from .prompt_step import default_prompt_optimizer, optimize_prompts
+from .ranks import Ranks
 from .results import RunState, StepResult, results_markdown, write_results
 from .runner import ProgramRunner, RunSummary
 from .strategy import PROMPT_STEP, WEIGHT_STEP
+from .vllm_backend import VLLMBackend
 from .weight_step import TraceDataset, traces_to_dataset
 
 logger = logging.getLogger(__name__)
@@ -86,6 +93,15 @@ class BetterTogetherTrainer(SFTTrainer):
         if model is None or isinstance(model, str):
             model = resolve_model_name_or_path(model)
         super().__init__(model=model, args=args, train_dataset=_format_example_dataset(), **kwargs)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.accelerator.num_processes == 1:
+            # Without a GPU, accelerate gives each process a world of its own: N copies of the whole job.
+            raise ValueError(f"launched as {launched} processes, but they do not form one process group; on a "
+                             "machine without a GPU pass --use_cpu (use_cpu=True) to join them over gloo")
+        if DistributedBackend(self.accelerator).fsdp_version == 2:
+            # FSDP2 all-gathers inside every forward: ranks making different numbers of generate calls would hang.
+            raise ValueError("FSDP version 2 is not supported: generation needs the full parameters materialized "
+                             "once per step (FSDP version 1, as in accelerate_configs/fsdp.yaml, or DeepSpeed ZeRO-3)")
 
         self.student = program.deepcopy()
         self.student.set_lm(None)
@@ -95,13 +111,14 @@ class BetterTogetherTrainer(SFTTrainer):
             num_candidate_programs=args.num_candidate_programs, num_threads=args.num_threads,
             metric_threshold=args.metric_threshold,
         )
-        self.runner = ProgramRunner(metric, args.num_threads, args.metric_threshold)
+        self.ranks = Ranks(self.accelerator.state)
+        self.runner = ProgramRunner(metric, args.num_threads, args.metric_threshold, self.ranks)
         self.program: dspy.Module | None = None
         self.run_state: RunState | None = None
         self._weights_version = 0
-        self._base_fingerprint = weights_fingerprint(self.model, only_trainable=False)
-        self._step_tokens = 0
-        self._step_calls = 0
+        with self._gathered_parameters():
+            self._base_fingerprint = weights_fingerprint(self.model, only_trainable=False)
+        self._step_stats = EngineStats()  # generated on this rank in the current step
 
     # ------------------------------------------------------------------------------------------------------------
     # Algorithm 1
@@ -121,10 +138,7 @@ class BetterTogetherTrainer(SFTTrainer):
                 # p after p bootstraps with the current program as teacher; otherwise (first step, or after a w step)
                 # it optimizes the original program's prompts on the current weights, as in the paper.
                 teacher = self.program if state.steps[-1].kind == PROMPT_STEP else None
-                with self.serving() as lm:
-                    self.program = optimize_prompts(
-                        self.prompt_optimizer, self.student, lm, self.trainset, self.valset, teacher
-                    )
+                self.program = self.optimize_program_prompts(teacher)
                 result = self._finish_step(index, kind, started, state)
             else:
                 traces = self.collect_traces(self.program)
@@ -134,6 +148,21 @@ class BetterTogetherTrainer(SFTTrainer):
             state.steps.append(result)
             self._checkpoint(state)
         return self._end(state)
+
+    def optimize_program_prompts(self, teacher: dspy.Module | None) -> dspy.Module:
+        """The p step: the prompt optimizer compiles the original program on the current weights. A DSPy optimizer
+        decides its own calls, so with several ranks it runs on the main rank, each of its generation batches is
+        split across all ranks, and the optimized program is broadcast: every rank ends with the same program."""
+        if not self.ranks.is_main:
+            with self.generation_mode() as model:
+                self._step_stats.add(self.ranks.serve_generation(self._backend(model)))
+            program = self.student.deepcopy()
+            program.load_state(self.ranks.broadcast(None))
+            return program
+        with self.serving(split_across_ranks=self.ranks.world_size > 1) as lm:
+            program = optimize_prompts(self.prompt_optimizer, self.student, lm, self.trainset, self.valset, teacher)
+        self.ranks.broadcast(program.dump_state())
+        return program
 
     def collect_traces(self, program: dspy.Module) -> TraceDataset:
         """Runs `program` on the trainset with tracing; keeps the module calls of the runs whose output passes."""
@@ -180,34 +209,53 @@ class BetterTogetherTrainer(SFTTrainer):
     @contextmanager
     def generation_mode(self):
         """The unwrapped model ready to generate: eval mode (no dropout), no gradient checkpointing (which silently
-        disables the KV cache), parameters gathered under ZeRO-3. Training state is restored on exit."""
+        disables the KV cache), parameters gathered under ZeRO-3 and FSDP. With every parameter materialized, each
+        rank generates on its own (no collective inside `generate`), however many calls it makes. Training state is
+        restored on exit."""
         wrapped = self.model_wrapped if self.model_wrapped is not None else self.model
         with unwrap_model_for_generation(
             wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as model, eval_mode(model):
+        ) as model, DistributedBackend(self.accelerator).summon_full_params(
+            wrapped, recurse=True, writeback=False
+        ), eval_mode(model):
             yield model
 
     def lm_name(self) -> str:
         return lm_name(self.model, self._base_fingerprint)
 
     @contextmanager
-    def serving(self):
-        """A `dspy.LM` generating from the current weights, for the duration of the block."""
-        with self.generation_mode() as model, serving_lm(
-            TransformersBackend(model, self.processing_class), self.lm_name(), self.args.generation_settings()
-        ) as lm:
+    def serving(self, split_across_ranks: bool = False):
+        """A `dspy.LM` generating from the current weights, for the duration of the block. With
+        `split_across_ranks` (main rank only), every batch is shared with the other ranks, which must be running
+        `Ranks.serve_generation` meanwhile."""
+        with self.generation_mode() as model, ExitStack() as stack:
+            backend = self._backend(model)
+            if split_across_ranks:
+                backend = stack.enter_context(self.ranks.main_generates_for_all(backend))
+            lm = stack.enter_context(serving_lm(backend, self.lm_name(), self.args.generation_settings()))
             try:
                 yield lm
             finally:
-                self._step_tokens += lm.engine.stats.completion_tokens
-                self._step_calls += lm.engine.stats.requests
+                self._step_stats.add(backend.local_stats if split_across_ranks else lm.engine.stats)
+
+    def _backend(self, model) -> GenerationBackend:
+        """What generates from `model` (the unwrapped model being trained), per `args.generation_backend`."""
+        if self.args.generation_backend == "vllm":
+            self.vllm.load_weights(model, self.lm_name())  # a new adapter id when the weights changed, else nothing
+            return self.vllm
+        return TransformersBackend(model, self.processing_class)
+
+    @cached_property
+    def vllm(self) -> VLLMBackend:
+        """The vLLM engine colocated with training (`generation_backend="vllm"`), started on first use."""
+        return VLLMBackend(self.accelerator.unwrap_model(self.model), self.processing_class,
+                           self.args.vllm_gpu_memory_utilization, self.args.vllm_max_model_length, self.args.seed)
 
     def bind_program(self, program: dspy.Module) -> dspy.Module:
         """`program` with every module on an LM served from this trainer's model (left in eval mode)."""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        lm_context = serving_lm(TransformersBackend(model, self.processing_class), self.lm_name(),
-                                self.args.generation_settings())
+        lm_context = serving_lm(self._backend(model), self.lm_name(), self.args.generation_settings())
         bound = program.deepcopy()
         bound.set_lm(lm_context.__enter__())  # lives as long as the program; its worker is a daemon thread
         return bound
@@ -217,7 +265,7 @@ class BetterTogetherTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _begin_step(self) -> float:
-        self._step_tokens = self._step_calls = 0
+        self._step_stats = EngineStats()
         return time.perf_counter()
 
     def _start(self) -> RunState:
@@ -237,11 +285,13 @@ class BetterTogetherTrainer(SFTTrainer):
         name = self._step_dir_name(index, kind)
         step_dir = Path(self.args.output_dir) / name
         new_weights = kind == "vanilla" or loss is not None
+        calls_per_rank = self.ranks.total(self._step_stats.requests)
         result = StepResult(
             index=index, kind=kind, val_score=summary.score, weights_version=self._weights_version,
             weights_dir=name if new_weights else state.steps[-1].weights_dir, lm_name=served_as,
-            seconds=time.perf_counter() - started, completion_tokens=self._step_tokens,
-            program_calls=self._step_calls,
+            seconds=time.perf_counter() - started,
+            completion_tokens=sum(self.ranks.total(self._step_stats.completion_tokens)),
+            program_calls=sum(calls_per_rank), lm_calls_per_rank=calls_per_rank,
         )
         if traces is not None:
             s = traces.summary
@@ -272,9 +322,12 @@ class BetterTogetherTrainer(SFTTrainer):
         if self.is_world_process_zero():
             state.save(self.args.output_dir)
             write_results(state, self.args.output_dir)
+        self.accelerator.wait_for_everyone()  # other ranks read the step's folder (weights, program) after this
 
     def _resume(self, resume_from_checkpoint: bool | str) -> RunState:
-        folder = self.args.output_dir if resume_from_checkpoint is True else resume_from_checkpoint
+        # "True" is how the CLI flag (`TrainingArguments.resume_from_checkpoint`, a string) says "this output_dir".
+        in_place = resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true"
+        folder = self.args.output_dir if in_place else resume_from_checkpoint
         state = RunState.load(folder)
         if state is None:
             raise ValueError(f"resume_from_checkpoint: no BetterTogether run state in {folder}")
@@ -325,6 +378,22 @@ class BetterTogetherTrainer(SFTTrainer):
         """Puts the weights saved in `weights_dir` (a step folder) back into the model being trained."""
         folder = Path(output_dir or self.args.output_dir) / weights_dir
         model = self.accelerator.unwrap_model(self.model)
+        with self._gathered_parameters(modifier_rank=0):
+            self._load_state_dict(model, folder)
+
+    @contextmanager
+    def _gathered_parameters(self, modifier_rank: int | None = None):
+        """Under ZeRO-3, the full parameters for the block (changes made on `modifier_rank` are kept); else nothing."""
+        if DistributedBackend(self.accelerator).is_zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=modifier_rank):
+                yield
+        else:
+            yield
+
+    @staticmethod
+    def _load_state_dict(model, folder: Path) -> None:
         if isinstance(model, PeftModel):
             set_peft_model_state_dict(model, load_peft_weights(str(folder), device=str(model.device)))
         else:
