@@ -98,7 +98,8 @@ class BetterTogetherTrainer(SFTTrainer):
             # Without a GPU, accelerate gives each process a world of its own: N copies of the whole job.
             raise ValueError(f"launched as {launched} processes, but they do not form one process group; on a "
                              "machine without a GPU pass --use_cpu (use_cpu=True) to join them over gloo")
-        if DistributedBackend(self.accelerator).fsdp_version == 2:
+        self._distributed = DistributedBackend(self.accelerator)  # ZeRO-3 / FSDP specifics
+        if self._distributed.fsdp_version == 2:
             # FSDP2 all-gathers inside every forward: ranks making different numbers of generate calls would hang.
             raise ValueError("FSDP version 2 is not supported: generation needs the full parameters materialized "
                              "once per step (FSDP version 1, as in accelerate_configs/fsdp.yaml, or DeepSpeed ZeRO-3)")
@@ -215,7 +216,7 @@ class BetterTogetherTrainer(SFTTrainer):
         wrapped = self.model_wrapped if self.model_wrapped is not None else self.model
         with unwrap_model_for_generation(
             wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as model, DistributedBackend(self.accelerator).summon_full_params(
+        ) as model, self._distributed.summon_full_params(
             wrapped, recurse=True, writeback=False
         ), eval_mode(model):
             yield model
@@ -384,7 +385,7 @@ class BetterTogetherTrainer(SFTTrainer):
     @contextmanager
     def _gathered_parameters(self, modifier_rank: int | None = None):
         """Under ZeRO-3, the full parameters for the block (changes made on `modifier_rank` are kept); else nothing."""
-        if DistributedBackend(self.accelerator).is_zero3:
+        if self._distributed.is_zero3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=modifier_rank):
