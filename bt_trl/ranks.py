@@ -38,8 +38,8 @@ class RankFailure(RuntimeError):
 class Ranks:
     """This process's place in the job (`accelerate`'s `PartialState`) and the few collectives the steps need."""
 
-    def __init__(self, state: PartialState | None = None):
-        self.state = state or PartialState()
+    def __init__(self, state: PartialState):
+        self.state = state  # the Trainer's accelerator state: a fresh PartialState() would ignore `use_cpu`
 
     @property
     def world_size(self) -> int:
@@ -72,9 +72,9 @@ class Ranks:
             return obj
         return broadcast_object_list([obj], from_process=0)[0]
 
-    def total(self, count: int) -> list[int]:
-        """`count` of every rank, indexed by rank."""
-        return [count] if self.world_size == 1 else gather_object([count])
+    def per_rank(self, value: T) -> list[T]:
+        """`value` of every rank, indexed by rank."""
+        return [value] if self.world_size == 1 else gather_object([value])
 
     @contextmanager
     def main_generates_for_all(self, backend: GenerationBackend):

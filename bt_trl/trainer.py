@@ -286,12 +286,13 @@ class BetterTogetherTrainer(SFTTrainer):
         name = self._step_dir_name(index, kind)
         step_dir = Path(self.args.output_dir) / name
         new_weights = kind == "vanilla" or loss is not None
-        calls_per_rank = self.ranks.total(self._step_stats.requests)
+        stats_per_rank = self.ranks.per_rank(self._step_stats)  # one gather for calls and tokens
+        calls_per_rank = [stats.requests for stats in stats_per_rank]
         result = StepResult(
             index=index, kind=kind, val_score=summary.score, weights_version=self._weights_version,
             weights_dir=name if new_weights else state.steps[-1].weights_dir, lm_name=served_as,
             seconds=time.perf_counter() - started,
-            completion_tokens=sum(self.ranks.total(self._step_stats.completion_tokens)),
+            completion_tokens=sum(stats.completion_tokens for stats in stats_per_rank),
             program_calls=sum(calls_per_rank), lm_calls_per_rank=calls_per_rank,
         )
         if traces is not None:
