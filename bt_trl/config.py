@@ -44,8 +44,19 @@ class BetterTogetherConfig(SFTConfig):
         num_candidate_programs (`int`, *optional*, defaults to `6`):
             Number of random candidate demo sets tried, on top of DSPy's three fixed candidates (zero-shot, labeled
             only, unshuffled bootstrap); the best on the valset is kept.
+        max_rounds (`int`, *optional*, defaults to `1`):
+            Bootstrapping attempts per training example in the p step (DSPy's `max_rounds`): rounds after the first
+            sample at temperature 1.0 with a new rollout id.
         metric_threshold (`float`, *optional*):
             A trace passes when the metric is at least this value. When unset, any truthy (non-zero) metric passes.
+
+        > Parameters that control the weight step's data
+
+        trace_rounds (`int`, *optional*, defaults to `1`):
+            Attempts per trainset example when the w step collects traces. Round 1 runs the program as configured;
+            each later round reruns only the examples without a passing trace yet, at temperature 1.0 with a new
+            rollout id (so DSPy's cache cannot return the failed answer), as DSPy's `max_rounds` does for demos. They
+            add traces only where sampling finds a passing answer that greedy decoding missed.
 
         > Parameters that control generation (program calls served from the live model)
 
@@ -96,8 +107,16 @@ class BetterTogetherConfig(SFTConfig):
     num_candidate_programs: int = field(
         default=6, metadata={"help": "Random candidate demo sets tried by the prompt step."}
     )
+    max_rounds: int = field(
+        default=1, metadata={"help": "p step: bootstrapping attempts per example (later ones at temperature 1.0)."}
+    )
     metric_threshold: float | None = field(
         default=None, metadata={"help": "A trace passes when the metric is at least this value."}
+    )
+    trace_rounds: int = field(
+        default=1,
+        metadata={"help": "w step: attempts per trainset example to get a passing trace (later ones at temperature "
+                          "1.0, only for examples without one yet)."},
     )
     num_threads: int = field(default=8, metadata={"help": "Concurrent program calls (DSPy threads)."})
     generation_batch_size: int = field(default=8, metadata={"help": "Maximum requests generated in one batch."})
@@ -150,7 +169,7 @@ class BetterTogetherConfig(SFTConfig):
         for name in ("max_bootstrapped_demos", "max_labeled_demos", "num_candidate_programs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("num_threads", "generation_batch_size", "generation_max_tokens"):
+        for name in ("num_threads", "generation_batch_size", "generation_max_tokens", "max_rounds", "trace_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.generation_temperature < 0:

@@ -16,7 +16,7 @@ NO_ERROR_LIMIT = sys.maxsize
 
 
 def default_prompt_optimizer(metric, *, max_bootstrapped_demos: int = 3, max_labeled_demos: int = 3,
-                             num_candidate_programs: int = 6, num_threads: int = 8,
+                             num_candidate_programs: int = 6, num_threads: int = 8, max_rounds: int = 1,
                              metric_threshold: float | None = None) -> Teleprompter:
     """The paper's prompt step: bootstrapped + labeled few-shot demos, random search over candidate sets."""
     return BootstrapFewShotWithRandomSearch(
@@ -26,6 +26,7 @@ def default_prompt_optimizer(metric, *, max_bootstrapped_demos: int = 3, max_lab
         max_labeled_demos=max_labeled_demos,
         num_candidate_programs=num_candidate_programs,
         num_threads=num_threads,
+        max_rounds=max_rounds,
         max_errors=NO_ERROR_LIMIT,
     )
 

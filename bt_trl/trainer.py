@@ -110,7 +110,7 @@ class BetterTogetherTrainer(SFTTrainer):
         self.prompt_optimizer = prompt_optimizer or default_prompt_optimizer(
             metric, max_bootstrapped_demos=args.max_bootstrapped_demos, max_labeled_demos=args.max_labeled_demos,
             num_candidate_programs=args.num_candidate_programs, num_threads=args.num_threads,
-            metric_threshold=args.metric_threshold,
+            max_rounds=args.max_rounds, metric_threshold=args.metric_threshold,
         )
         self.ranks = Ranks(self.accelerator.state)
         self.runner = ProgramRunner(metric, args.num_threads, args.metric_threshold, self.ranks)
@@ -166,9 +166,19 @@ class BetterTogetherTrainer(SFTTrainer):
         return program
 
     def collect_traces(self, program: dspy.Module) -> TraceDataset:
-        """Runs `program` on the trainset with tracing; keeps the module calls of the runs whose output passes."""
+        """Runs `program` on the trainset with tracing; keeps the module calls of the runs whose output passes. Each
+        of the `trace_rounds - 1` later rounds reruns the examples without a passing run, sampling (as DSPy's
+        bootstrapping rounds do: temperature 1.0, a new rollout id past the cache)."""
         with self.serving() as lm:
             calls = self.runner.run(program, self.trainset, lm, with_trace=True)
+            for round_index in range(1, self.args.trace_rounds):
+                failed = [i for i, call in enumerate(calls) if not call.passed]  # the same on every rank
+                if not failed:
+                    break
+                sampling_lm = lm.copy(rollout_id=round_index, temperature=1.0)
+                retried = self.runner.run(program, [self.trainset[i] for i in failed], sampling_lm, with_trace=True)
+                for i, call in zip(failed, retried):
+                    calls[i] = call
         return traces_to_dataset(calls)
 
     def finetune_weights(self, traces: TraceDataset, index: int) -> tuple[float, float] | None:
@@ -504,8 +514,9 @@ class BetterTogetherTrainer(SFTTrainer):
         args = self.args
         rows = [(name, getattr(args, name)) for name in (
             "strategy", "w_step_init", "max_bootstrapped_demos", "max_labeled_demos", "num_candidate_programs",
-            "metric_threshold", "learning_rate", "num_train_epochs", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "max_length", "generation_max_tokens", "generation_temperature", "seed",
+            "max_rounds", "metric_threshold", "trace_rounds", "learning_rate", "num_train_epochs",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "generation_max_tokens",
+            "generation_temperature", "seed",
         )]
         rows += [("trainset / valset", f"{len(self.trainset)} / {len(self.valset)} examples"),
                  ("prompt optimizer", type(self.prompt_optimizer).__name__)]

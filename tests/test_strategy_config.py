@@ -33,6 +33,10 @@ def test_config_rejects_bad_values(tmp_path):
         BetterTogetherConfig(str(tmp_path), w_step_init="restart")
     with pytest.raises(ValueError, match="num_threads"):
         BetterTogetherConfig(str(tmp_path), num_threads=0)
+    with pytest.raises(ValueError, match="trace_rounds must be >= 1"):
+        BetterTogetherConfig(str(tmp_path), trace_rounds=0)
+    with pytest.raises(ValueError, match="max_rounds must be >= 1"):
+        BetterTogetherConfig(str(tmp_path), max_rounds=0)
 
 
 def test_config_defaults_follow_the_paper(tmp_path):
@@ -41,6 +45,7 @@ def test_config_defaults_follow_the_paper(tmp_path):
     assert (config.max_bootstrapped_demos, config.max_labeled_demos, config.num_candidate_programs) == (3, 3, 6)
     assert config.completion_only_loss is True
     assert config.w_step_init == "continue"
+    assert (config.max_rounds, config.trace_rounds) == (1, 1)  # one greedy attempt per example, as in the paper
 
 
 def test_config_from_command_line(tmp_path, monkeypatch):

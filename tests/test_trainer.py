@@ -101,6 +101,26 @@ def test_zero_passing_traces_skip_the_w_step(format_model, tokenizer, tmp_path):
     assert steps[1]["lm_name"] == steps[0]["lm_name"]
 
 
+def test_trace_rounds_rerun_only_failed_examples_past_the_cache(format_model, tokenizer, tmp_path):
+    def small_petals(example, prediction, trace=None):  # passes the setosa examples whatever the answer
+        return example.petal_length < 2.5
+
+    trainer = make_trainer(format_model, tokenizer, config(tmp_path, strategy="w", trace_rounds=3, max_rounds=2),
+                           metric=small_petals)
+    assert trainer.prompt_optimizer.max_rounds == 2
+    setosa = sum(example.petal_length < 2.5 for example in trainer.trainset)
+    assert 0 < setosa < len(trainer.trainset)
+
+    trainer._begin_step()
+    traces = trainer.collect_traces(trainer.student)
+    # Round 1 runs all 10 examples; rounds 2 and 3 rerun the failing ones, each call generated anew (a cached answer
+    # would not reach the engine).
+    failing = len(trainer.trainset) - setosa
+    assert trainer.runner.local_calls == len(trainer.trainset) + 2 * failing
+    assert trainer._step_stats.requests == len(trainer.trainset) + 2 * failing
+    assert (traces.summary.total, traces.kept, len(traces.dataset)) == (10, setosa, setosa)
+
+
 class Interrupt(Exception):
     pass
 
