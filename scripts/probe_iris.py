@@ -1,6 +1,6 @@
 """What limits BetterTogether on Iris with a small model: the answers its program gives, and what its weights can learn.
 
-    python scripts/probe_iris.py answers    # species answered on the 50 training flowers, per module / demos / temperature
+    python scripts/probe_iris.py answers    # species answered on the 50 training flowers, per module/demos/temperature
     python scripts/probe_iris.py ceiling    # the w step trained on the 50 gold labels instead of passing traces
 
 Both steps of BetterTogether learn only from the program's own passing runs: bootstrapped demos and the w step's
@@ -40,8 +40,8 @@ def trainer_for(module: str, args: argparse.Namespace, output_dir: str, **config
     return BetterTogetherTrainer(
         model=args.model_name_or_path, program=MODULES[module](iris.IrisSignature), metric=iris.metric,
         trainset=train, valset=val,
-        args=BetterTogetherConfig(output_dir, report_to="none", use_cpu=True, num_threads=16,
-                                  generation_batch_size=16, save_strategy="no", **config),
+        args=BetterTogetherConfig(output_dir, report_to="none", num_threads=16, generation_batch_size=16,
+                                  save_strategy="no", **config),
         peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear"),
     )
 
