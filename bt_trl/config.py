@@ -71,6 +71,14 @@ class BetterTogetherConfig(SFTConfig):
             Maximum new tokens per LM call. Generation also stops at the adapter's completion marker.
         generation_temperature (`float`, *optional*, defaults to `0.0`):
             Sampling temperature of the program's LM; `0.0` is greedy decoding.
+        structured_generation (`bool`, *optional*, defaults to `True`):
+            Generate every program call inside its adapter's output format (grammar-constrained decoding with
+            llguidance): ChatAdapter's `[[ ## field ## ]]` sections in order, `Literal`/enum outputs restricted to
+            their values, numbers and booleans to their forms, free text closed in time for the fields after it;
+            JSONAdapter's JSON schema. Outputs then always parse, so traces are lost to wrong answers only. Applies to
+            the p step, trace collection, valset scoring and `trainer.program`. The w step's SFT rows stay in the
+            adapter's plain format: the weights learn to write it unaided. Adapters with other formats (XMLAdapter,
+            custom ones) are generated unconstrained.
         generation_backend (`str`, *optional*, defaults to `"transformers"`):
             What generates the program's LM calls: `"transformers"` batches `generate` on the live model being
             trained (any device); `"vllm"` runs a vLLM engine colocated with training on the same GPU, which serves
@@ -125,6 +133,11 @@ class BetterTogetherConfig(SFTConfig):
     )
     generation_max_tokens: int = field(default=256, metadata={"help": "Maximum new tokens per LM call."})
     generation_temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0.0 is greedy."})
+    structured_generation: bool = field(
+        default=True,
+        metadata={"help": "Generate program calls inside their adapter's output format (grammar-constrained "
+                          "decoding), so that every output parses."},
+    )
     generation_backend: str = field(
         default="transformers",
         metadata={
@@ -155,7 +168,7 @@ class BetterTogetherConfig(SFTConfig):
 
     def generation_settings(self) -> GenerationSettings:
         return GenerationSettings(self.generation_max_tokens, self.generation_temperature,
-                                  self.generation_batch_size, self.generation_batch_wait)
+                                  self.generation_batch_size, self.generation_batch_wait, self.structured_generation)
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:

@@ -32,10 +32,10 @@ import torch
 from dspy.lm15 import Message, Response, TextPart, Usage
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from .structured import COMPLETION_MARKER, GrammarConstraint, OutputGrammar, output_grammar
+
 # DSPy LM names of served weights are LM_PREFIX + the weights' name (see lm_name).
 LM_PREFIX = "bt_trl/"
-# The ChatAdapter ends every answer with this marker; generating past it only produces text DSPy throws away.
-COMPLETION_MARKER = "[[ ## completed ## ]]"
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float | None = None
     stop: tuple[str, ...] = ()
+    grammar: OutputGrammar | None = None  # structured generation: the output format the text must follow
 
 
 @dataclass
@@ -67,9 +68,10 @@ class TransformersBackend:
     The caller owns the model's mode: it must be in eval mode with the KV cache usable (see
     `BetterTogetherTrainer.generation_mode`) and must not change the weights while this backend is in use.
 
-    Rows of one batch may differ in temperature, top-p and max tokens (a logits processor samples each row with its
-    own settings, greedy rows take the argmax; a stopping criterion ends each row at its own token limit). They share
-    stop strings: transformers checks one set for the whole batch (`BatchingEngine` groups requests by them).
+    Rows of one batch may differ in temperature, top-p, max tokens and output grammar (a logits processor keeps each
+    row inside its own grammar, another samples each row with its own settings, greedy rows take the argmax; a
+    stopping criterion ends each row at its own token limit). They share stop strings: transformers checks one set
+    for the whole batch (`BatchingEngine` groups requests by them).
 
     Prompt prefixes are reused: the requests of one candidate program share a long prefix (system prompt and demos),
     and on CPU prefill dominates generation. The longest prefix common to a batch is encoded once (and kept for the
@@ -107,11 +109,17 @@ class TransformersBackend:
         limits = [p.max_tokens for p in params]
         if len(set(limits)) > 1:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_RowTokenLimits(len(input_ids[0]), limits, device)])
+        processors = LogitsProcessorList()
+        if any(p.grammar is not None for p in params):  # first: greedy and sampled rows choose among allowed tokens
+            processors.append(GrammarConstraint(
+                [p.grammar for p in params], limits, tok, self.model.config.get_text_config().vocab_size,
+                _eos_token_ids(self.model, tok), prompt_width=len(input_ids[0]),
+            ))
         sampling = {"do_sample": False}
         if any(p.temperature > 0 for p in params):
             # Built-in warpers are neutral (temperature 1, top-p 1, no top-k); _RowSampling applies each row's own.
-            sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0,
-                        "logits_processor": LogitsProcessorList([_RowSampling(params, device)])}
+            sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0}
+            processors.append(_RowSampling(params, device))
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=torch.tensor(input_ids, device=device),
@@ -124,11 +132,12 @@ class TransformersBackend:
                 # The caller materializes every parameter (see BetterTogetherTrainer.generation_mode), so ranks
                 # generate independently; transformers' ZeRO-3 default would make each step a collective.
                 synced_gpus=False,
+                logits_processor=processors,
                 **sampling,
                 **kwargs,
             )
         new_tokens = out[:, len(input_ids[0]) :].tolist()
-        eos_ids = _eos_token_ids(self.model, tok)
+        eos_ids = _eos_token_ids(self.model, tok) | {pad}  # generate() pads finished rows with it
         results = []
         for tokens, row, limit in zip(new_tokens, rows, limits):
             tokens = tokens[:limit]  # rows stopped at their own limit are padded up to the batch's longest
@@ -213,8 +222,6 @@ def _eos_token_ids(model, tokenizer) -> set[int]:
     eos = model.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     ids.add(tokenizer.eos_token_id)
-    if tokenizer.pad_token_id is not None:
-        ids.add(tokenizer.pad_token_id)  # generate() pads finished rows with it
     return {i for i in ids if i is not None}
 
 
@@ -259,11 +266,17 @@ class BatchingEngine:
 
     DSPy 3.4 asks a custom engine for one candidate per `complete()`: a call with `n=3` arrives as three requests in
     a row from the same thread, each batched with whatever the other threads are waiting on.
+
+    A request's `response_format` is always honoured (see `bt_trl/structured.py`). With `structured_outputs` the
+    engine also declares it supports one, the DSPy way (`supports_response_schema`, `supported_params`): then
+    JSONAdapter sends its JSON schema, and the adapters of `structured.structured_adapter` send ChatAdapter's format.
     """
 
     def __init__(self, backend: GenerationBackend, max_batch_size: int = 8, batch_wait: float = 0.02,
-                 default_max_tokens: int = 256):
+                 default_max_tokens: int = 256, structured_outputs: bool = False):
         self.backend = backend
+        self.supports_response_schema = structured_outputs
+        self.supported_params = {"response_format"} if structured_outputs else set()
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait
         self.default_max_tokens = default_max_tokens
@@ -283,6 +296,7 @@ class BatchingEngine:
             temperature=config.temperature or 0.0,
             top_p=config.top_p,
             stop=tuple(config.stop or ()),
+            grammar=output_grammar(config.response_format),
         )
         pending = _Pending(chat_messages(request), params)
         self._ensure_worker()
@@ -370,19 +384,21 @@ def response(request, generation: Generation) -> Response:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How program calls are generated: LM defaults (max tokens, temperature) and micro-batching."""
+    """How program calls are generated: LM defaults (max tokens, temperature), micro-batching, and whether outputs are
+    generated inside their adapter's format (structured generation)."""
 
     max_tokens: int = 256
     temperature: float = 0.0
     max_batch_size: int = 8
     batch_wait: float = 0.02
+    structured: bool = True
 
 
 @contextmanager
 def serving_lm(backend: GenerationBackend, name: str, settings: GenerationSettings):
     """A `dspy.LM` named `name` that generates with `backend`; the engine's worker stops on exit."""
     engine = BatchingEngine(backend, max_batch_size=settings.max_batch_size, batch_wait=settings.batch_wait,
-                            default_max_tokens=settings.max_tokens)
+                            default_max_tokens=settings.max_tokens, structured_outputs=settings.structured)
     lm = dspy.LM(LM_PREFIX + name, engine=engine, max_tokens=settings.max_tokens,
                  temperature=settings.temperature, num_retries=0)
     try:

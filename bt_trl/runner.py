@@ -17,6 +17,7 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from .ranks import Ranks
+from .structured import structured_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,10 @@ class RunSummary:
 
 def program_adapter() -> dspy.Adapter:
     """The adapter programs run with: the user's configured one, else DSPy's ChatAdapter without its JSON fallback,
-    so that an unparseable answer costs no second LM call in a format the w step does not train on."""
-    return dspy.settings.adapter or dspy.ChatAdapter(use_json_adapter_fallback=False)
+    so that an unparseable answer costs no second LM call in a format the w step does not train on. It asks for
+    structured outputs (`structured.structured_adapter`), which the LM's engine honours when structured generation
+    is on."""
+    return structured_adapter(dspy.settings.adapter or dspy.ChatAdapter(use_json_adapter_fallback=False))
 
 
 def metric_score(value, threshold: float | None) -> float:

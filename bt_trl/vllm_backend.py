@@ -12,6 +12,9 @@ serves the new weights without reloading the model:
 It implements the same `GenerationBackend` interface as `TransformersBackend` (same chat template, same stop at the
 completion marker, per-request sampling parameters), so DSPy and the trainer see no difference. vLLM's own scheduler
 batches the requests of a call continuously and reuses shared prompt prefixes (`enable_prefix_caching`).
+Structured generation uses vLLM's structured outputs with its llguidance backend ("guidance") and the same Lark
+grammars; vLLM does not close free text early when a row's token budget runs short (`GrammarConstraint` does that
+on the transformers backend), so give the fields room with `generation_max_tokens`.
 
 Written against vLLM's documented `LLM` / `SamplingParams` / `LoRARequest` API (the range TRL supports); it cannot
 run on CPU-only machines, where selecting it fails at configuration time (`check_vllm_usable`).
@@ -76,6 +79,7 @@ class VLLMBackend:
             max_model_len=max_model_length,
             enable_prefix_caching=True,
             seed=seed,
+            structured_outputs_config={"backend": "guidance"},  # the grammar library of bt_trl/structured.py
             # Under accelerate launch every rank runs its own engine on its own GPU (TRL's colocate mode).
             distributed_executor_backend="external_launcher" if multi_process else None,
             **lora,
@@ -108,12 +112,14 @@ class VLLMBackend:
 
     def generate(self, prompts: Sequence[list[dict]], params: Sequence[SamplingParams]) -> list[Generation]:
         from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
         rows = encode_chats(self.tokenizer, prompts)
         sampling = [
             VLLMSamplingParams(
                 max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p or 1.0,
                 stop=list(dict.fromkeys(self.stop_strings + p.stop)), skip_special_tokens=True,
+                structured_outputs=None if p.grammar is None else StructuredOutputsParams(grammar=p.grammar.lark),
             )
             for p in params
         ]
