@@ -34,7 +34,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from .engine import GenerationSettings, TransformersBackend, lm_name, serving_lm, weights_fingerprint
-from .models import EMBEDDED_MODEL, cache_dir, resolve_model_name_or_path
+from .models import EMBEDDED_PREFIX, embedded_model, embedded_name, resolve_model_name_or_path
 from .results import STATE_FILE, RunState, results_markdown
 from .tasks import get_task
 
@@ -45,8 +45,6 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 # The files of a run folder that are pushed and downloaded: weights as safetensors, JSON (configs, tokenizer, program,
 # results), chat templates, vocabularies, markdown. Pickles (training_args.bin, *.pt, *.pkl) and code never match.
 HUB_FILE_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.md")
-# The embedded model is a de-quantized Q4_1 GGUF of this Hub model: the card names it as the base model.
-EMBEDDED_MODEL_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # The state a DSPy `Predict` saves; `lm` must be null: a program file does not choose where its calls go.
 PREDICTOR_STATE_KEYS = {"traces", "train", "demos", "signature", "lm", "fields"}
 
@@ -68,7 +66,7 @@ class RunMetadata:
     """`bettertogether.json`: what `load_program` needs besides the weights and `program.json`."""
 
     weights: str  # "adapter" (PEFT adapter on `base_model`) or "full" (the folder holds the whole model)
-    base_model: str | None  # Hub id or path the weights started from; EMBEDDED_MODEL for the embedded model
+    base_model: str | None  # Hub id or path the weights started from; "embedded:<name>" for an embedded model
     task: str | None  # a `bt_trl.tasks` name whose `program()` is the program's skeleton; None for user programs
     strategy: str
     best_step: int
@@ -93,20 +91,18 @@ class RunMetadata:
 
 
 def portable_model_id(name_or_path: str | None) -> str | None:
-    """The name to record for the model a run started from: the embedded model's cache folder is EMBEDDED_MODEL (it
-    resolves on any machine); Hub ids and other paths are kept as they are."""
+    """The name to record for the model a run started from: an embedded model's cache folder is its `embedded:` name
+    (it resolves on any machine); Hub ids and other paths are kept as they are."""
     if not name_or_path:
         return None
-    embedded_folder = cache_dir() / Path(EMBEDDED_MODEL).name
-    if Path(name_or_path).expanduser().resolve() == embedded_folder.resolve():
-        return EMBEDDED_MODEL
-    return name_or_path
+    return embedded_name(name_or_path) or name_or_path
 
 
 def card_base_model(base_model: str | None) -> str | None:
-    """The Hub id for the card's `base_model` field (the Hub links the repository to it); None for a local path."""
-    if base_model == EMBEDDED_MODEL:
-        return EMBEDDED_MODEL_SOURCE
+    """The Hub id for the card's `base_model` field (the Hub links the repository to it); None for a local path.
+    An embedded model is a de-quantized GGUF of a Hub model: the card names that one."""
+    if base_model is not None and base_model.startswith(EMBEDDED_PREFIX):
+        return embedded_model(base_model).source
     if base_model is None or Path(base_model).expanduser().exists():
         return None
     return base_model

@@ -31,6 +31,7 @@ from pathlib import Path
 from trl import ModelConfig, TrlParser
 
 from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, BetterTogetherTrainer
+from bt_trl.models import check_model_name_or_path
 from bt_trl.results import RunState, StepResult
 from bt_trl.strategy import parse_strategy
 from bt_trl.tasks import Task
@@ -256,6 +257,7 @@ def grid_header(task_args: TaskArguments, args: BetterTogetherConfig, model_args
 
 
 def main(grid: GridArguments, task_args: TaskArguments, args: BetterTogetherConfig, model_args: ModelConfig):
+    check_model_name_or_path(model_args.model_name_or_path)  # before the data, and before any run is started
     task = task_args.load()  # data and retriever problems surface here, before any model is loaded
     return run_grid(grid, task, args, model_args, grid_header(task_args, args, model_args))
 

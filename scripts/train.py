@@ -2,6 +2,7 @@
 
     python scripts/train.py --config recipes/iris_quick.yaml
     python scripts/train.py --task iris --strategy "p -> w" --output_dir out/iris --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct
+    python scripts/train.py --config recipes/iris_quick.yaml --model_name_or_path embedded:qwen2.5-coder-0.5b
     accelerate launch --config_file accelerate_configs/X.yaml scripts/train.py --config recipe.yaml
 
 Every `BetterTogetherConfig` (and so `SFTConfig`/`TrainingArguments`) field is a flag, and TRL's `ModelConfig` gives
@@ -18,6 +19,7 @@ from pathlib import Path
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, BetterTogetherTrainer
+from bt_trl.models import check_model_name_or_path
 from bt_trl.tasks import TASKS, Task, load_task
 
 
@@ -76,6 +78,7 @@ def train_and_test(trainer: BetterTogetherTrainer, task: Task) -> dict | None:
 
 
 def main(task_args: TaskArguments, args: BetterTogetherConfig, model_args: ModelConfig) -> None:
+    check_model_name_or_path(model_args.model_name_or_path)  # an unknown embedded: name fails before the data loads
     task = task_args.load()
     train_and_test(build_trainer(task, args, model_args), task)
 
