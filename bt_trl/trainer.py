@@ -32,21 +32,12 @@ from .results import RunState, StepResult, results_markdown, write_results
 from .runner import ProgramRunner, RunSummary, configured_adapter, program_adapter, served_program
 from .strategy import PROMPT_STEP, WEIGHT_STEP
 from .vllm_backend import VLLMBackend
-from .weight_step import TraceDataset, traces_to_dataset
+from .weight_step import FORMAT_ROW, TraceDataset, traces_to_dataset
 
 logger = logging.getLogger(__name__)
 
 PROGRAM_FILE = hub.PROGRAM_FILE  # the file load_program reads
 SFT_DATASET_FILE = "sft_dataset.jsonl"
-
-
-def _format_example_dataset() -> datasets.Dataset:
-    """`SFTTrainer` needs a train dataset at construction and fixes its collator from the first row. Every w step
-    trains on conversational prompt/completion rows built from traces; this one row declares that format until the
-    first w step replaces it."""
-    return datasets.Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": "?"}], "completion": [{"role": "assistant", "content": "."}]}]
-    )
 
 
 class BetterTogetherTrainer(SFTTrainer):
@@ -92,7 +83,7 @@ class BetterTogetherTrainer(SFTTrainer):
 
         if model is None or isinstance(model, str):
             model = resolve_model_name_or_path(model)
-        super().__init__(model=model, args=args, train_dataset=_format_example_dataset(), **kwargs)
+        super().__init__(model=model, args=args, train_dataset=datasets.Dataset.from_list([FORMAT_ROW]), **kwargs)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.accelerator.num_processes == 1:
             # Without a GPU, accelerate gives each process a world of its own: N copies of the whole job.
