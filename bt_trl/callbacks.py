@@ -39,7 +39,14 @@ from trl.distributed import DistributedBackend
 from trl.models.utils import add_hooks, remove_hooks
 
 from .data import check_examples, check_metric, to_examples
-from .engine import GenerationSettings, TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint
+from .engine import (
+    GenerationSettings,
+    TransformersBackend,
+    eval_mode,
+    lm_name,
+    serving_lm,
+    weights_fingerprint,
+)
 from .prompt_step import default_prompt_optimizer, optimize_prompts
 from .ranks import Ranks
 from .runner import ProgramRunner, program_adapter, served_program

@@ -16,8 +16,8 @@ from bt_trl.tasks import iris
 
 
 def sft_config(output_dir, **overrides):
-    values = dict(num_train_epochs=4, max_steps=1000, per_device_train_batch_size=2, learning_rate=1e-3,
-                  logging_steps=1, save_strategy="no", report_to="none", bf16=False, max_length=1024)
+    values = {"num_train_epochs": 4, "max_steps": 1000, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
+              "logging_steps": 1, "save_strategy": "no", "report_to": "none", "bf16": False, "max_length": 1024}
     return SFTConfig(str(output_dir), **{**values, **overrides})
 
 
@@ -65,7 +65,8 @@ def test_callback_refuses_bad_input_and_a_start_with_nothing_to_train_on(tokeniz
         BetterTogetherCallback(iris.program(), iris.metric, [dspy.Example(x=1).with_inputs("x")], val)
 
     # A random model never gets the species right: no row to train on, said before any training step.
-    callback = BetterTogetherCallback(iris.program(), iris.metric, train, val, prompt_optimizer=dspy.LabeledFewShot(k=1),
+    callback = BetterTogetherCallback(iris.program(), iris.metric, train, val,
+                                      prompt_optimizer=dspy.LabeledFewShot(k=1),
                                       generation=GenerationSettings(max_tokens=16))
     trainer = SFTTrainer(model=tiny_model(tokenizer), args=sft_config(tmp_path), train_dataset=callback.train_dataset,
                          processing_class=tokenizer, callbacks=[callback])
