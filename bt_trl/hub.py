@@ -36,6 +36,8 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from .engine import GenerationSettings, TransformersBackend, lm_name, serving_lm, weights_fingerprint
 from .models import EMBEDDED_PREFIX, embedded_model, embedded_name, resolve_model_name_or_path
 from .results import STATE_FILE, RunState, results_markdown
+from .runner import default_adapter, served_program
+from .structured import structured_adapter
 from .tasks import get_task
 
 PROGRAM_FILE = "program.json"
@@ -74,6 +76,8 @@ class RunMetadata:
     max_tokens: int
     temperature: float
     format_version: int = 1
+    structured_generation: bool = True  # every call generated inside its adapter's output format
+    adapter: str = "ChatAdapter"  # class name of the adapter the steps ran the program with (runner.configured_adapter)
 
     def save(self, folder: str | Path) -> None:
         (Path(folder) / METADATA_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -270,7 +274,7 @@ def save_program(program: dspy.Module, path: str | Path) -> None:
 
 def load_program(repo_id_or_path: str | Path, program: dspy.Module | None = None, *, base_model=None,
                  revision: str | None = None, token: str | None = None, device: str | torch.device | None = None,
-                 settings: GenerationSettings | None = None) -> dspy.Module:
+                 settings: GenerationSettings | None = None, adapter: dspy.Adapter | None = None) -> dspy.Module:
     """A pushed BetterTogether program, bound to an in-process LM of its trained model, ready to call.
 
     Args:
@@ -284,27 +288,46 @@ def load_program(repo_id_or_path: str | Path, program: dspy.Module | None = None
             added). Default: the one the run recorded.
         revision, token: of the Hub repository.
         device: where the model runs; default CUDA when available, else CPU.
-        settings: generation settings; default the run's max tokens and temperature.
+        settings: generation settings; default the run's max tokens, temperature and structured generation.
+        adapter: the adapter to run the program with; default the one the run's steps used (DSPy's ChatAdapter,
+            without its JSON fallback, or the DSPy adapter the run was configured with). A run trained with an
+            adapter class of your own needs an instance of it here.
+
+    The program behaves as in the run's steps (`runner.served_program`): every call under that adapter and those
+    settings, whatever `dspy.settings` hold; an output that cannot be parsed raises `runner.ModuleParseError` (an
+    `AdapterParseError`) naming the module and field.
 
     Nothing read can run code: `program.json` is parsed as JSON and must match the program's modules (a module
     that names its own LM is refused), weights are loaded from safetensors only, and remote code is never trusted.
     """
     folder = _local_folder(repo_id_or_path, revision, token)
     metadata = RunMetadata.load(folder)
+    adapter = adapter or _run_adapter(metadata)
     skeleton = _program_skeleton(program, metadata, repo_id_or_path)
     load_program_state(skeleton, folder / PROGRAM_FILE)
     model, tokenizer = _load_model(folder, metadata, base_model)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     if settings is None:
-        defaults = GenerationSettings()
-        settings = GenerationSettings(
-            max_tokens=metadata.max_tokens if metadata else defaults.max_tokens,
-            temperature=metadata.temperature if metadata else defaults.temperature,
+        settings = GenerationSettings() if metadata is None else GenerationSettings(
+            max_tokens=metadata.max_tokens, temperature=metadata.temperature,
+            structured=metadata.structured_generation,
         )
     name = lm_name(model, weights_fingerprint(model, only_trainable=False))
     # The LM lives as long as the program (its batching worker is a daemon thread), as for a trained program.
-    skeleton.set_lm(serving_lm(TransformersBackend(model, tokenizer), name, settings).__enter__())
-    return skeleton
+    lm = serving_lm(TransformersBackend(model, tokenizer), name, settings).__enter__()
+    return served_program(skeleton, lm, structured_adapter(adapter))
+
+
+def _run_adapter(metadata: RunMetadata | None) -> dspy.Adapter:
+    """The adapter the run's steps used, rebuilt from its recorded class name (DSPy's own adapters only)."""
+    name = metadata.adapter if metadata else "ChatAdapter"
+    if name == "ChatAdapter":
+        return default_adapter()
+    adapter_class = getattr(dspy, name, None)
+    if not (isinstance(adapter_class, type) and issubclass(adapter_class, dspy.Adapter)):
+        raise ValueError(f"the run was trained with the adapter {name}, which is not one of DSPy's: pass "
+                         f"adapter={name}(...) to load_program")
+    return adapter_class()
 
 
 def load_program_state(program: dspy.Module, path: Path) -> None:

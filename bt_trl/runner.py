@@ -8,7 +8,9 @@ run.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -83,12 +85,89 @@ class RunSummary:
         )
 
 
+def default_adapter() -> dspy.Adapter:
+    """DSPy's ChatAdapter without its JSON fallback, so that an unparseable answer costs no second LM call in a format
+    the w step does not train on."""
+    return dspy.ChatAdapter(use_json_adapter_fallback=False)
+
+
+def configured_adapter() -> dspy.Adapter:
+    """The user's configured adapter (`dspy.configure(adapter=...)`), else `default_adapter()`."""
+    return dspy.settings.adapter or default_adapter()
+
+
 def program_adapter() -> dspy.Adapter:
-    """The adapter programs run with: the user's configured one, else DSPy's ChatAdapter without its JSON fallback,
-    so that an unparseable answer costs no second LM call in a format the w step does not train on. It asks for
-    structured outputs (`structured.structured_adapter`), which the LM's engine honours when structured generation
-    is on."""
-    return structured_adapter(dspy.settings.adapter or dspy.ChatAdapter(use_json_adapter_fallback=False))
+    """The adapter programs run with: `configured_adapter()`, asking for structured outputs
+    (`structured.structured_adapter`), which the LM's engine honours when structured generation is on."""
+    return structured_adapter(configured_adapter())
+
+
+class ModuleParseError(AdapterParseError):
+    """A module of a served program (`served_program`) wrote an output its adapter cannot parse. The message names
+    the module (its name in the program, as in `named_predictors()`) and the fields; it is an `AdapterParseError`,
+    so code written for DSPy's convention catches it as before."""
+
+    def __init__(self, modules: list[str], fields: list[str], cause: AdapterParseError):
+        self.modules, self.fields = modules, fields
+        where = " or ".join(repr(m) for m in modules) if modules else "(a module outside the program's predictors)"
+        super().__init__(
+            adapter_name=cause.adapter_name, signature=cause.signature, lm_response=cause.lm_response,
+            parsed_result=cause.parsed_result,
+            message=f"module {where}: no parseable value for output field(s) {', '.join(map(repr, fields))}",
+        )
+
+
+def module_parse_error(program: dspy.Module, error: AdapterParseError) -> ModuleParseError:
+    """`error` (raised by a call of one of `program`'s modules) naming that module and the fields it lacks."""
+    if isinstance(error, ModuleParseError):
+        return error
+    # The adapter reports the signature it parsed with, the predictor's own (predictors of one program hold distinct
+    # signature classes unless the user gave two the same class: then both are named).
+    modules = [name for name, predictor in program.named_predictors() if predictor.signature is error.signature]
+    expected = list(error.signature.output_fields)
+    if error.parsed_result is not None:  # fields missing from the output
+        fields = [name for name in expected if name not in error.parsed_result]
+    else:  # a field whose value does not parse as its type (DSPy names it in its message)
+        named = re.search(r"Failed to parse field (\w+)", error.message or "")
+        fields = [named.group(1)] if named else expected
+    return ModuleParseError(modules, fields, error)
+
+
+class _Served:
+    """Mixin of `served_program`: every call runs under the adapter the steps used."""
+
+    _served_adapter: dspy.Adapter
+
+    def __call__(self, *args, **kwargs):
+        with dspy.context(adapter=self._served_adapter):
+            try:
+                return super().__call__(*args, **kwargs)
+            except AdapterParseError as error:
+                raise module_parse_error(self, error) from error
+
+    async def acall(self, *args, **kwargs):
+        with dspy.context(adapter=self._served_adapter):
+            try:
+                return await super().acall(*args, **kwargs)
+            except AdapterParseError as error:
+                raise module_parse_error(self, error) from error
+
+
+@functools.cache
+def _served_class(cls: type) -> type:
+    return type(f"Served{cls.__name__}", (_Served, cls), {"__module__": cls.__module__})
+
+
+def served_program(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter) -> dspy.Module:
+    """A copy of `program` that behaves as it did in the steps wherever it is called: every module on `lm` (which
+    carries the steps' generation settings) and every call under `adapter` (the steps' `program_adapter()`, with its
+    structured outputs), whatever `dspy.settings` hold. An output that cannot be parsed raises `ModuleParseError`
+    (an `AdapterParseError`) naming the module and field, after one LM call: no fallback to another format."""
+    served = program.deepcopy()
+    served.set_lm(lm)
+    served.__class__ = _served_class(next(c for c in type(program).__mro__ if not issubclass(c, _Served)))
+    served._served_adapter = adapter
+    return served
 
 
 def metric_score(value, threshold: float | None) -> float:

@@ -29,24 +29,15 @@ from .models import resolve_model_name_or_path
 from .prompt_step import default_prompt_optimizer, optimize_prompts
 from .ranks import Ranks
 from .results import RunState, StepResult, results_markdown, write_results
-from .runner import ProgramRunner, RunSummary
+from .runner import ProgramRunner, RunSummary, configured_adapter, program_adapter, served_program
 from .strategy import PROMPT_STEP, WEIGHT_STEP
 from .vllm_backend import VLLMBackend
-from .weight_step import TraceDataset, traces_to_dataset
+from .weight_step import FORMAT_ROW, TraceDataset, traces_to_dataset
 
 logger = logging.getLogger(__name__)
 
 PROGRAM_FILE = hub.PROGRAM_FILE  # the file load_program reads
 SFT_DATASET_FILE = "sft_dataset.jsonl"
-
-
-def _format_example_dataset() -> datasets.Dataset:
-    """`SFTTrainer` needs a train dataset at construction and fixes its collator from the first row. Every w step
-    trains on conversational prompt/completion rows built from traces; this one row declares that format until the
-    first w step replaces it."""
-    return datasets.Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": "?"}], "completion": [{"role": "assistant", "content": "."}]}]
-    )
 
 
 class BetterTogetherTrainer(SFTTrainer):
@@ -92,7 +83,7 @@ class BetterTogetherTrainer(SFTTrainer):
 
         if model is None or isinstance(model, str):
             model = resolve_model_name_or_path(model)
-        super().__init__(model=model, args=args, train_dataset=_format_example_dataset(), **kwargs)
+        super().__init__(model=model, args=args, train_dataset=datasets.Dataset.from_list([FORMAT_ROW]), **kwargs)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.accelerator.num_processes == 1:
             # Without a GPU, accelerate gives each process a world of its own: N copies of the whole job.
@@ -263,13 +254,13 @@ class BetterTogetherTrainer(SFTTrainer):
                            self.args.vllm_gpu_memory_utilization, self.args.vllm_max_model_length, self.args.seed)
 
     def bind_program(self, program: dspy.Module) -> dspy.Module:
-        """`program` with every module on an LM served from this trainer's model (left in eval mode)."""
+        """`program` served from this trainer's model (left in eval mode) as the steps ran it: same adapter, same
+        generation settings (`runner.served_program`)."""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         lm_context = serving_lm(self._backend(model), self.lm_name(), self.args.generation_settings())
-        bound = program.deepcopy()
-        bound.set_lm(lm_context.__enter__())  # lives as long as the program; its worker is a daemon thread
-        return bound
+        # The LM lives as long as the program; its batching worker is a daemon thread.
+        return served_program(program, lm_context.__enter__(), program_adapter())
 
     # ------------------------------------------------------------------------------------------------------------
     # Step bookkeeping: scoring, artifacts, logging, resume
@@ -364,6 +355,7 @@ class BetterTogetherTrainer(SFTTrainer):
         self.save_model(self.args.output_dir)
         if self.is_world_process_zero():
             program.save(str(Path(self.args.output_dir) / PROGRAM_FILE))
+            self._run_metadata().save(self.args.output_dir)  # how load_program serves the program as the steps did
             write_results(state, self.args.output_dir)
             print(f"BetterTogether {self.args.strategy}: best step {best.index} ({best.kind})\n"
                   f"{results_markdown(state)}")
@@ -507,7 +499,8 @@ class BetterTogetherTrainer(SFTTrainer):
             base_model=hub.portable_model_id(getattr(model.config, "_name_or_path", None)),
             task=self.task_name, strategy=" -> ".join(self.run_state.strategy), best_step=best.index,
             best_val_score=best.val_score, max_tokens=self.args.generation_max_tokens,
-            temperature=self.args.generation_temperature,
+            temperature=self.args.generation_temperature, structured_generation=self.args.structured_generation,
+            adapter=type(configured_adapter()).__name__,
         )
 
     def _card_config_rows(self) -> list[tuple[str, object]]:

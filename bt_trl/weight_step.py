@@ -10,6 +10,11 @@ import dspy
 from .runner import ProgramCall, RunSummary, program_adapter
 
 
+# `SFTTrainer` needs a train dataset at construction and fixes its collator from the first row. Every w step trains
+# on conversational prompt/completion rows built from traces; this row declares that format until the first traces.
+FORMAT_ROW = {"prompt": [{"role": "user", "content": "?"}], "completion": [{"role": "assistant", "content": "."}]}
+
+
 @dataclass
 class TraceDataset:
     dataset: datasets.Dataset  # conversational prompt/completion rows

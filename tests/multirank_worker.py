@@ -3,6 +3,7 @@
 Runs a tiny `p -> w -> p` with the real trainer and writes what this rank ended up with to `<report_dir>/rank<i>.json`:
 a hash of the program after every step, a hash of every w step's SFT dataset, and the program calls it made.
 `--die_after_step K --die_rank R` makes rank R exit abruptly once step K is checkpointed (a crashed rank).
+`--callback` runs `BetterTogetherCallback` on a plain `SFTTrainer` instead and reports its rounds, rows and program.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from pathlib import Path
 import dspy
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
+from bt_trl.callbacks import BetterTogetherCallback
+from bt_trl.engine import GenerationSettings
 from bt_trl.models import embedded_model_path
 from bt_trl.tasks import iris
 
@@ -66,10 +70,13 @@ def main() -> None:
                              "split across ranks); bootstrap: BootstrapFewShot, whose programs get the model's "
                              "own demos (the tiny model scores the same with and without demos, so random search "
                              "keeps the zero-shot program)")
+    parser.add_argument("--callback", action="store_true", help="BetterTogetherCallback on a plain SFTTrainer")
     cli = parser.parse_args()
 
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    if cli.callback:
+        return run_callback(cli, tokenizer)
     args = BetterTogetherConfig(
         cli.output_dir, strategy="p -> w -> p", use_cpu=not cli.deepspeed_on_cpu, report_to="none", num_candidate_programs=1,
         max_bootstrapped_demos=2, max_labeled_demos=2, generation_max_tokens=48, num_threads=8, num_train_epochs=2,
@@ -94,6 +101,31 @@ def main() -> None:
         "program_calls": trainer.runner.local_calls,
     }
     Path(cli.report_dir, f"rank{trainer.ranks.index}.json").write_text(json.dumps(report))
+
+
+def run_callback(cli, tokenizer) -> None:
+    """Two rounds of data (when training begins and after epoch 1) and a final p step, on two ranks."""
+    train, val, _ = iris.load_splits(0, (10, 8, 0))
+    callback = BetterTogetherCallback(
+        iris.program(), iris.metric, train, val, every_n_epochs=1, generation=GenerationSettings(max_tokens=48),
+        prompt_optimizer=dspy.BootstrapFewShot(metric=iris.metric, max_bootstrapped_demos=2, max_labeled_demos=0),
+    )
+    args = SFTConfig(cli.output_dir, use_cpu=True, num_train_epochs=2, max_steps=1000, per_device_train_batch_size=2,
+                     learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", max_length=1024)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(cli.model), args=args,
+                         train_dataset=callback.train_dataset, processing_class=tokenizer,
+                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), callbacks=[callback])
+    trainer.train()
+    report = {
+        "world_size": trainer.accelerator.num_processes,
+        "history": callback.history,
+        "rows": digest(callback.rows),
+        "final_program": program_digest(callback.program),
+        "demos": [len(p.demos) for p in callback.program.predictors()],
+        "program_calls": callback._runner.local_calls,
+        "global_step": trainer.state.global_step,
+    }
+    Path(cli.report_dir, f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

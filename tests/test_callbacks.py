@@ -1,48 +1,75 @@
-"""The p step and the trace-dataset regeneration as callbacks on a plain TRL SFTTrainer."""
+"""BetterTogetherCallback on a plain TRL SFTTrainer: prompt re-optimization and dataset regeneration in one callback,
+with the model and tokenizer taken from the trainer."""
+
+import math
 
 import dspy
+import pytest
 import torch
+from conftest import tiny_model
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from bt_trl.callbacks import PromptOptimizationCallback, TraceDatasetCallback
+from bt_trl.callbacks import BetterTogetherCallback
 from bt_trl.engine import GenerationSettings
 from bt_trl.tasks import iris
 
 
-def test_callbacks_regenerate_prompts_and_data_on_plain_sft_trainer(format_model, tokenizer, tmp_path):
+def sft_config(output_dir, **overrides):
+    values = {"num_train_epochs": 4, "max_steps": 1000, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
+              "logging_steps": 1, "save_strategy": "no", "report_to": "none", "bf16": False, "max_length": 1024}
+    return SFTConfig(str(output_dir), **{**values, **overrides})
+
+
+def test_callback_re_optimizes_prompts_and_regenerates_rows_on_plain_sft_trainer(format_model, tokenizer, tmp_path):
     train, val, _ = iris.load_splits(0, (8, 6, 0))
-    generation = GenerationSettings(max_tokens=48)
     # BootstrapFewShot keeps its bootstrapped demos (random search would keep zero-shot: the tiny model scores the
     # same either way).
     optimizer = dspy.BootstrapFewShot(metric=iris.metric, max_bootstrapped_demos=2, max_labeled_demos=0)
-    prompts = PromptOptimizationCallback(iris.program(), iris.metric, train, val, tokenizer, every_n_epochs=2,
-                                         generation=generation, prompt_optimizer=optimizer)
-    traces = TraceDatasetCallback(lambda: prompts.program, iris.metric, train, format_model, tokenizer,
-                                  every_n_epochs=2, max_epochs=4, generation=generation)
-    first_rows = list(traces.rows)
-    assert traces.history[0]["traces_kept"] == len(first_rows) > 0
-
-    args = SFTConfig(str(tmp_path), max_steps=1000, per_device_train_batch_size=2, learning_rate=1e-3,
-                     logging_steps=1, save_strategy="no", report_to="none", bf16=False,
-                     gradient_checkpointing=True, max_length=1024)
-    trainer = SFTTrainer(model=format_model, args=args, train_dataset=traces.train_dataset,
-                         processing_class=tokenizer, peft_config=LoraConfig(r=4, target_modules="all-linear"),
-                         callbacks=[prompts, traces])
+    callback = BetterTogetherCallback(iris.program(), iris.metric, train, val, every_n_epochs=2,
+                                      prompt_optimizer=optimizer, generation=GenerationSettings(max_tokens=48))
+    trainer = SFTTrainer(model=format_model, args=sft_config(tmp_path, gradient_checkpointing=True),
+                         train_dataset=callback.train_dataset, processing_class=tokenizer,
+                         peft_config=LoraConfig(r=4, target_modules="all-linear"), callbacks=[callback])
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
 
-    # Four epochs, then the trace callback stopped training (an iterable dataset has no epoch count).
-    assert traces.epochs_done == 4
-    assert trainer.state.global_step < 1000
-    # Prompts re-optimized at epochs 2 and 4 with the live weights: demos were bootstrapped and scored.
-    assert [epoch for epoch, _ in prompts.history] == [2, 4]
-    assert all(len(p.demos) > 0 for p in prompts.program.predictors())
-    # The training set was regenerated at epoch 2, from the prompt callback's program on the trained weights.
-    assert [h["epoch"] for h in traces.history] == [0, 2]
-    assert traces.history[1]["rows"] == len(traces.rows) > 0
-    # The completion-only loss trained the adapter; gradient checkpointing was back on after each generation.
+    # Rounds when training began and every two epochs; the last one (epoch 4) only re-optimizes the prompts.
+    assert callback.epochs_done == 4
+    assert [h["epoch"] for h in callback.history] == [0, 2, 4]
+    first, second, last = callback.history
+    assert 0 < first["traces_kept"] == first["rows"] <= first["traces_total"] == len(train)
+    assert 0 < second["rows"] == len(callback.rows)
+    assert "rows" not in last and all("val_score" in h for h in callback.history)
+    # Each round's rows were trained on for two epochs (the format row SFTTrainer read at construction never was).
+    batches = [math.ceil(h["rows"] / 2) for h in (first, second)]
+    assert trainer.state.global_step == 2 * sum(batches)
+    # Demos were bootstrapped from the live model's passing answers; the adapter trained; gradient checkpointing was
+    # back on after every round of generation.
+    assert all(len(p.demos) == 2 for p in callback.program.predictors())
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert trainer.model.is_gradient_checkpointing
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    # The final program is served from the trained model as the rounds ran it.
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
+    assert callback.program(**val[0].inputs()).answer
+    assert callback.program.predict.lm.engine.stats.requests == 1
+
+
+def test_callback_refuses_bad_input_and_a_start_with_nothing_to_train_on(tokenizer, tmp_path):
+    train, val, _ = iris.load_splits(0, (4, 3, 0))
+    with pytest.raises(ValueError, match="every_n_epochs must be >= 1"):
+        BetterTogetherCallback(iris.program(), iris.metric, train, val, every_n_epochs=0)
+    with pytest.raises(ValueError, match=r"trainset\[0\] lacks the program's input"):
+        BetterTogetherCallback(iris.program(), iris.metric, [dspy.Example(x=1).with_inputs("x")], val)
+
+    # A random model never gets the species right: no row to train on, said before any training step.
+    callback = BetterTogetherCallback(iris.program(), iris.metric, train, val,
+                                      prompt_optimizer=dspy.LabeledFewShot(k=1),
+                                      generation=GenerationSettings(max_tokens=16))
+    trainer = SFTTrainer(model=tiny_model(tokenizer), args=sft_config(tmp_path), train_dataset=callback.train_dataset,
+                         processing_class=tokenizer, callbacks=[callback])
+    with pytest.raises(ValueError, match="no trace of the program passed the metric on the trainset"):
+        trainer.train()
+    assert trainer.state.global_step == 0

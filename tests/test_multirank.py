@@ -87,3 +87,18 @@ def test_a_dying_rank_stops_the_job_and_the_run_resumes(model_dir, tmp_path):
     assert [s["kind"] for s in steps] == ["vanilla", "p", "w", "p"]
     demos = json.loads((out / "step_3_p" / "program.json").read_text())["predict"]["demos"]
     assert len(demos) == 2  # the broadcast program is a real bootstrapped one
+
+
+def test_callback_on_two_ranks_splits_the_calls_and_agrees(model_dir, tmp_path):
+    run = launch(model_dir, tmp_path / "out", tmp_path / "reports", "--callback")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = reports(tmp_path / "reports")
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    # Rounds at the start and after epochs 1 and 2; every rank has the same scores, rows and broadcast program.
+    assert [h["epoch"] for h in rank0["history"]] == [0, 1, 2]
+    assert rank0["history"] == rank1["history"] and rank0["history"][0]["rows"] > 0
+    assert rank0["rows"] == rank1["rows"] and rank0["final_program"] == rank1["final_program"]
+    assert rank0["demos"] == [2]
+    assert rank0["global_step"] == rank1["global_step"] > 0
+    # Valset scoring (8 examples x 3 rounds) and trace collection (10 x 2 rounds) were split in halves.
+    assert rank0["program_calls"] == rank1["program_calls"] == (3 * 8 + 2 * 10) // 2

@@ -1,0 +1,74 @@
+"""TRL's `sft.py` script (`trl/scripts/sft.py`) with BetterTogether added as one callback.
+
+The training set is the callback's: when training begins and every `--every_n_epochs` epochs, the Iris program's
+prompts are re-optimized on the weights being trained and the SFT rows regenerated from its passing traces; after the
+last epoch the prompts are re-optimized once more. Everything else is TRL's: flags, model loading, PEFT, saving.
+
+    python scripts/sft.py --model_name_or_path embedded:smollm2-135m --output_dir out/sft_bettertogether --use_cpu \
+        --num_train_epochs 2 --max_steps 1000 --every_n_epochs 1 --train_size 8 --val_size 6 \
+        --use_peft --lora_r 16 --lora_alpha 32 --lora_target_modules all-linear --report_to none
+
+(`--max_steps` is an upper bound that an iterable train dataset requires; the callback ends training after
+`--num_train_epochs` epochs.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+
+from bt_trl import resolve_model_name_or_path
+from bt_trl.callbacks import BetterTogetherCallback
+from bt_trl.engine import GenerationSettings
+from bt_trl.hub import PROGRAM_FILE, save_program
+from bt_trl.tasks import iris
+
+
+@dataclass
+class BetterTogetherArguments:
+    every_n_epochs: int = field(default=1, metadata={"help": "Epochs trained on one set of rows between rounds."})
+    train_size: int = field(default=8, metadata={"help": "Iris training examples (demos and traces)."})
+    val_size: int = field(default=6, metadata={"help": "Iris validation examples (candidate choice, scores)."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the Iris split."})
+    max_bootstrapped_demos: int = field(default=1, metadata={"help": "Bootstrapped demos per module."})
+    max_labeled_demos: int = field(default=3, metadata={"help": "Labeled demos per module."})
+    num_candidate_programs: int = field(default=0, metadata={"help": "Random candidate demo sets per p step."})
+    generation_max_tokens: int = field(default=80, metadata={"help": "Maximum new tokens per LM call."})
+
+
+def main(script_args: BetterTogetherArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
+    training_args.model_init_kwargs = dict(revision=model_args.model_revision, dtype=model_args.dtype,
+                                           attn_implementation=model_args.attn_implementation,
+                                           **(training_args.model_init_kwargs or {}))
+    train, val, _ = iris.load_splits(script_args.split_seed, (script_args.train_size, script_args.val_size, 0))
+    callback = BetterTogetherCallback(
+        iris.program(), iris.metric, train, val, every_n_epochs=script_args.every_n_epochs,
+        generation=GenerationSettings(max_tokens=script_args.generation_max_tokens),
+        max_bootstrapped_demos=script_args.max_bootstrapped_demos, max_labeled_demos=script_args.max_labeled_demos,
+        num_candidate_programs=script_args.num_candidate_programs, seed=training_args.seed,
+    )
+
+    trainer = SFTTrainer(
+        model=resolve_model_name_or_path(model_args.model_name_or_path),  # a Hub id, a path or embedded:<name>
+        args=training_args,
+        train_dataset=callback.train_dataset,
+        peft_config=get_peft_config(model_args),
+        callbacks=[callback],
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed. BetterTogether rounds:")
+    for entry in callback.history:
+        trainer.accelerator.print(f"  {entry}")
+
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        save_program(callback.program, Path(training_args.output_dir) / PROGRAM_FILE)
+    trainer.accelerator.print(f"Model and {PROGRAM_FILE} saved to {training_args.output_dir}.")
+    trainer.end()
+
+
+if __name__ == "__main__":
+    parser = TrlParser((BetterTogetherArguments, SFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config())
