@@ -94,7 +94,8 @@ class PromptOptimizationCallback(_EveryNEpochs):
             return
         with live_lm(model, self.tokenizer, self._base_fingerprint, self.generation,
                      args.gradient_checkpointing_kwargs) as lm:
-            self.program = optimize_prompts(self.prompt_optimizer, self.student, lm, self.trainset, self.valset)
+            self.program = optimize_prompts(self.prompt_optimizer, self.student, lm, self.trainset, self.valset,
+                                            examples_at_once=self.runner.num_threads)
             score = self.runner.evaluate(self.program, self.valset, lm).score
         self.history.append((self.epochs_done, score))
         logger.info("Epoch %d: prompts re-optimized, val score %.1f", self.epochs_done, score)
