@@ -1,5 +1,6 @@
 import importlib.util
 import threading
+import time
 
 import dspy
 import pytest
@@ -11,6 +12,7 @@ from bt_trl.config import BetterTogetherConfig
 from bt_trl.engine import (
     BatchingEngine, GenerationSettings, SamplingParams, TransformersBackend, lm_name, serving_lm, weights_fingerprint,
 )
+from bt_trl.merged_adapter import can_merge, merged_adapter
 from bt_trl.tasks import iris
 from bt_trl.vllm_backend import VLLMBackend
 
@@ -43,12 +45,13 @@ class RecordingBackend:
     """The real backend, recording the batches it is asked for."""
 
     def __init__(self, backend):
-        self.backend, self.calls = backend, []
+        self.backend, self.calls, self.prompts = backend, [], []
         self.lock = threading.Lock()
 
     def generate(self, prompts, params):
         with self.lock:
             self.calls.append((len(prompts), params))
+            self.prompts.append(prompts)
         return self.backend.generate(prompts, params)
 
 
@@ -108,6 +111,26 @@ def test_concurrent_dspy_calls_are_batched(format_model, tokenizer):
         usage = lm.history[-1]["usage"]
         assert usage["completion_tokens"] > 0 and usage["prompt_tokens"] > 100
     assert len(result.results) == 8
+
+
+def test_batches_hold_one_programs_requests(format_model, tokenizer):
+    """Requests of two programs (different system prompts) arriving interleaved are generated one program per batch,
+    so that each batch's shared prefix covers the program's whole prompt."""
+    backend = RecordingBackend(TransformersBackend(format_model, tokenizer))
+    requests = [(system, f"Flower {i}?") for i in range(4) for system in ("You know flowers.", "You know trees.")]
+    with serving_lm(backend, "test-grouping", GenerationSettings(max_tokens=4, max_batch_size=4, batch_wait=1.0)) as lm:
+        lm.cache = False
+        threads = []
+        for system, question in requests:  # arrive in this order, well within batch_wait of each other
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+            threads.append(threading.Thread(target=lm, kwargs={"messages": messages}))
+            threads[-1].start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+    assert [len(prompts) for prompts in backend.prompts] == [4, 4]
+    assert [{p[0]["content"] for p in prompts} for prompts in backend.prompts] == [
+        {"You know flowers."}, {"You know trees."}]
 
 
 def test_requests_with_different_settings_share_a_batch(format_model, tokenizer):
@@ -202,3 +225,27 @@ def test_vllm_backend_is_refused_before_any_model_work(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="generation_backend must be one of"):
         BetterTogetherConfig(output_dir=str(tmp_path), generation_backend="tgi")
     assert BetterTogetherConfig(output_dir=str(tmp_path)).generation_backend == "transformers"
+
+
+def test_merged_adapter_generates_the_same_and_leaves_every_parameter_bit_identical(format_model, tokenizer):
+    model = get_peft_model(format_model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: B is zero at initialization, which would merge nothing
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    model.eval()
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    base_weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    prompts, params = iris_prompts(3), SamplingParams(max_tokens=30)
+    unmerged = [g.text for g in TransformersBackend(model, tokenizer).generate(prompts, [params] * 3)]
+    assert can_merge(model) and not can_merge(tiny_model(tokenizer))  # a plain model has no adapter to merge
+
+    with merged_adapter(model):
+        assert not torch.equal(base_weight, before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+        merged = [g.text for g in TransformersBackend(model, tokenizer).generate(prompts, [params] * 3)]
+
+    assert merged == unmerged
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name  # bit-identical: the merge was made on copies
+    assert [g.text for g in TransformersBackend(model, tokenizer).generate(prompts, [params] * 3)] == unmerged

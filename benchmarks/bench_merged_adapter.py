@@ -1,0 +1,68 @@
+"""B6, merged adapter: generating with the LoRA adapter merged (`merged_adapter.merged_adapter`) vs unmerged.
+
+The embedded SmolLM2-135M-Instruct with a LoRA adapter (r=32, all linear layers, B drawn at random so that the merge
+changes the weights), `--rounds` batches of `--batch` Iris ChainOfThought prompts (3 labeled demos), greedy,
+`--max-tokens` new tokens, the trainer's `TransformersBackend`. The merged side includes the merge and the exact
+restore of the base weights (once, as the trainer does per generation block). Prints both times, the ratio, whether
+the answers agree, and whether the parameters are bit-identical after the block.
+
+    python benchmarks/bench_merged_adapter.py
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import cpu_note, iris_examples, iris_program_with_demos, load_embedded, timed
+from peft import LoraConfig, get_peft_model
+
+import dspy
+from bt_trl.engine import SamplingParams, TransformersBackend
+from bt_trl.merged_adapter import merged_adapter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=40)
+    args = parser.parse_args()
+
+    model, tokenizer = load_embedded()
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules="all-linear")).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.002)
+    predictor = iris_program_with_demos(3).predict
+    adapter = dspy.ChatAdapter()
+    prompts = [adapter.format(predictor.signature, demos=predictor.demos, inputs=ex.inputs().toDict())
+               for ex in iris_examples(args.batch * args.rounds)]
+    batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
+    params = SamplingParams(max_tokens=args.max_tokens)
+    print(f"B6 merged adapter: {args.rounds} batches of {args.batch} Iris prompts, LoRA r=32 all-linear, "
+          f"{args.max_tokens} max tokens, {cpu_note()}")
+
+    def generate_all():
+        backend = TransformersBackend(model, tokenizer)
+        return [g.text for batch in batches for g in backend.generate(batch, [params] * len(batch))]
+
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    seconds: list[float] = []
+    generate_all()  # warm-up (allocator, kernels), not timed
+    with timed(seconds):
+        unmerged = generate_all()
+    with timed(seconds):
+        with merged_adapter(model):
+            merged = generate_all()
+    identical = all(torch.equal(param, before[name]) for name, param in model.named_parameters())
+    print(f"unmerged: {seconds[0]:7.2f} s")
+    print(f"merged:   {seconds[1]:7.2f} s (merge and exact restore included)")
+    print(f"ratio (unmerged / merged): {seconds[0] / seconds[1]:.2f}x; same answers "
+          f"{sum(a == b for a, b in zip(unmerged, merged))}/{len(merged)}; parameters bit-identical after: {identical}")
+
+
+if __name__ == "__main__":
+    main()
