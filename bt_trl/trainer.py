@@ -25,7 +25,6 @@ from .data import check_examples, check_metric, to_examples
 from .engine import (
     LM_PREFIX, EngineStats, GenerationBackend, TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint,
 )
-from .merged_adapter import can_merge, merged_adapter
 from .models import resolve_model_name_or_path
 from .prompt_step import default_prompt_optimizer, optimize_prompts
 from .ranks import Ranks
@@ -223,19 +222,14 @@ class BetterTogetherTrainer(SFTTrainer):
     def generation_mode(self):
         """The unwrapped model ready to generate: eval mode (no dropout), no gradient checkpointing (which silently
         disables the KV cache), parameters gathered under ZeRO-3 and FSDP. With every parameter materialized, each
-        rank generates on its own (no collective inside `generate`), however many calls it makes. A LoRA adapter is
-        merged into the base weights for the block when the transformers backend generates (`merged_adapter`). Not
-        under ZeRO-3 or FSDP: they own the parameters' storage and re-shard it on exit, so there the adapter runs
-        unmerged, as before. Training state and the exact weights are restored on exit."""
+        rank generates on its own (no collective inside `generate`), however many calls it makes. Training state is
+        restored on exit."""
         wrapped = self.model_wrapped if self.model_wrapped is not None else self.model
         with unwrap_model_for_generation(
             wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as model, self._distributed.summon_full_params(
             wrapped, recurse=True, writeback=False
-        ), eval_mode(model), ExitStack() as stack:
-            if (self.args.generation_backend == "transformers" and not self._distributed.is_zero3
-                    and not self._distributed.is_fsdp and can_merge(model)):
-                stack.enter_context(merged_adapter(model))
+        ), eval_mode(model):
             yield model
 
     def lm_name(self) -> str:

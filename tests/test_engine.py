@@ -12,7 +12,6 @@ from bt_trl.config import BetterTogetherConfig
 from bt_trl.engine import (
     BatchingEngine, GenerationSettings, SamplingParams, TransformersBackend, lm_name, serving_lm, weights_fingerprint,
 )
-from bt_trl.merged_adapter import can_merge, merged_adapter
 from bt_trl.tasks import iris
 from bt_trl.vllm_backend import VLLMBackend
 
@@ -225,28 +224,3 @@ def test_vllm_backend_is_refused_before_any_model_work(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="generation_backend must be one of"):
         BetterTogetherConfig(output_dir=str(tmp_path), generation_backend="tgi")
     assert BetterTogetherConfig(output_dir=str(tmp_path)).generation_backend == "transformers"
-
-
-def test_merged_adapter_generates_the_same_and_leaves_every_parameter_bit_identical(format_model, tokenizer):
-    model = get_peft_model(format_model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained adapter: B is zero at initialization, which would merge nothing
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
-    model.eval()
-    before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    q_proj = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
-    base_weight = model.get_parameter(q_proj)
-    prompts, params = iris_prompts(3), SamplingParams(max_tokens=30)
-    unmerged = [g.text for g in TransformersBackend(model, tokenizer).generate(prompts, [params] * 3)]
-    assert can_merge(model) and not can_merge(tiny_model(tokenizer))  # a plain model has no adapter to merge
-
-    with merged_adapter(model):
-        assert not torch.equal(base_weight, before[q_proj])  # merged
-        merged = [g.text for g in TransformersBackend(model, tokenizer).generate(prompts, [params] * 3)]
-
-    assert merged == unmerged
-    for name, param in model.named_parameters():
-        assert torch.equal(param, before[name]), name  # bit-identical: the merge was made on copies
-    assert [g.text for g in TransformersBackend(model, tokenizer).generate(prompts, [params] * 3)] == unmerged
