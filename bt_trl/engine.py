@@ -260,9 +260,15 @@ class BatchingEngine:
     """DSPy custom engine that micro-batches concurrent requests onto a `GenerationBackend`.
 
     A worker thread takes the first waiting request, keeps adding requests until none has arrived for `batch_wait`
-    seconds (or `max_batch_size` are waiting) and generates them in one backend call, each with its own temperature,
-    top-p and max tokens; only requests with different stop strings go to separate calls. Requests that arrive while a
-    batch is generating are served together in the next one.
+    seconds (or `max_waiting` are waiting) and generates up to `max_batch_size` of them in one backend call, each with
+    its own temperature, top-p and max tokens; only requests with different stop strings go to separate calls.
+    Requests that arrive while a batch is generating are served in the next ones.
+
+    A batch holds the requests that share the oldest waiting request's prompt up to its last message (the system
+    prompt and the demos of one program: the backend encodes that prefix once for the whole batch), unless that
+    request is alone, in which case the oldest waiting requests go together. When many programs run at once (the p
+    step's concurrent candidates), each batch is then one program's requests instead of a mix whose common prefix
+    is only the system prompt's beginning.
 
     DSPy 3.4 asks a custom engine for one candidate per `complete()`: a call with `n=3` arrives as three requests in
     a row from the same thread, each batched with whatever the other threads are waiting on.
@@ -280,8 +286,10 @@ class BatchingEngine:
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait
         self.default_max_tokens = default_max_tokens
+        self.max_waiting = 8 * max_batch_size  # how far ahead of the oldest request a batch's requests are looked for
         self.stats = EngineStats()
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._waiting: list[_Pending] = []  # arrived, not yet generated (oldest first)
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
 
@@ -322,21 +330,29 @@ class BatchingEngine:
                 self._worker.start()
 
     def _next_batch(self) -> list[_Pending] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        while len(batch) < self.max_batch_size:
+        waiting = self._waiting
+        if not waiting:
+            first = self._queue.get()
+            if first is None:
+                return None
+            waiting.append(first)
+        while len(waiting) < self.max_waiting:
             try:
                 # DSPy threads format their prompts one at a time (the GIL), so the requests of one round arrive
                 # spread out: the batch closes once none has arrived for batch_wait seconds.
                 item = self._queue.get(timeout=self.batch_wait)
             except queue.Empty:
                 break
-            if item is None:  # shutting down: serve what we have, then stop
+            if item is None:  # shutting down: serve what is waiting, then stop
                 self._queue.put(None)
                 break
-            batch.append(item)
+            waiting.append(item)
+        prefix = _prompt_prefix(waiting[0])
+        batch = [p for p in waiting if _prompt_prefix(p) == prefix][: self.max_batch_size]
+        if len(batch) == 1:
+            batch = waiting[: self.max_batch_size]
+        chosen = {id(p) for p in batch}
+        self._waiting = [p for p in waiting if id(p) not in chosen]
         return batch
 
     def _serve(self) -> None:
@@ -355,6 +371,11 @@ class BatchingEngine:
                     self.stats.count(generations)
                 for p, g in zip(group, generations):
                     p.future.set_result(g)
+
+
+def _prompt_prefix(pending: _Pending) -> tuple:
+    """What requests of one program share: every message but the last (system prompt, demos), and the stop strings."""
+    return tuple((m["role"], m["content"]) for m in pending.messages[:-1]) + (pending.params.stop,)
 
 
 def chat_messages(request) -> list[dict]:

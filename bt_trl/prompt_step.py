@@ -1,4 +1,10 @@
-"""The `p` step: optimize the program's prompts with a DSPy teleprompter, generating with the current weights."""
+"""The `p` step: optimize the program's prompts with a DSPy teleprompter, generating with the current weights.
+
+DSPy's bootstrapping optimizers run their LM calls one at a time; the p step runs them as batches
+(`as_batched`): `BootstrapFewShot` bootstraps many training examples at once (`batched_bootstrap.py`) and
+`BootstrapFewShotWithRandomSearch` also builds and scores its candidates concurrently (`concurrent_search.py`), with
+the results DSPy's sequential run gives under greedy decoding. Other teleprompters run unchanged.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,10 @@ import inspect
 import sys
 
 import dspy
-from dspy.teleprompt import BootstrapFewShotWithRandomSearch, Teleprompter
+from dspy.teleprompt import BootstrapFewShot, BootstrapFewShotWithRandomSearch, Teleprompter
 
+from .batched_bootstrap import BatchedBootstrapFewShot
+from .concurrent_search import ConcurrentRandomSearch
 from .runner import program_adapter
 
 # DSPy's Evaluate cancels a whole evaluation after `max_errors` failed calls (10 by default). A small model's
@@ -31,15 +39,27 @@ def default_prompt_optimizer(metric, *, max_bootstrapped_demos: int = 3, max_lab
     )
 
 
+def as_batched(optimizer: Teleprompter, examples_at_once: int):
+    """The batched equivalent of DSPy's `BootstrapFewShot` and `BootstrapFewShotWithRandomSearch` (exactly these
+    classes: a subclass may change what they do), running `examples_at_once` training examples together; any other
+    optimizer as it is."""
+    if type(optimizer) is BootstrapFewShot:
+        return BatchedBootstrapFewShot.like(optimizer, examples_at_once)
+    if type(optimizer) is BootstrapFewShotWithRandomSearch:
+        return ConcurrentRandomSearch(optimizer, examples_at_once)
+    return optimizer
+
+
 def optimize_prompts(optimizer: Teleprompter, student: dspy.Module, lm: dspy.LM, trainset, valset,
-                     teacher: dspy.Module | None = None) -> dspy.Module:
-    """Compiles `student` with `optimizer`, every LM call served by `lm`.
+                     teacher: dspy.Module | None = None, examples_at_once: int = 8) -> dspy.Module:
+    """Compiles `student` with `optimizer` (batched, see `as_batched`), every LM call served by `lm`.
 
     Teleprompters reset the predictors' LMs and then call the global `dspy.settings.lm`, so the LM is installed with
     `dspy.context`, not on the program. `valset` and `teacher` are passed to optimizers whose `compile` takes them
     (BootstrapFewShotWithRandomSearch, MIPROv2, GEPA, ...; BootstrapFewShot takes no valset). Optimizers that read
     `dspy.settings.max_errors` get no error limit.
     """
+    optimizer = as_batched(optimizer, examples_at_once)
     accepted = inspect.signature(optimizer.compile).parameters
     kwargs = {"trainset": trainset}
     if "valset" in accepted:

@@ -152,7 +152,8 @@ class BetterTogetherTrainer(SFTTrainer):
             program.load_state(self.ranks.broadcast(None))
             return program
         with self.serving(split_across_ranks=self.ranks.world_size > 1) as lm:
-            program = optimize_prompts(self.prompt_optimizer, self.student, lm, self.trainset, self.valset, teacher)
+            program = optimize_prompts(self.prompt_optimizer, self.student, lm, self.trainset, self.valset, teacher,
+                                       examples_at_once=self.args.num_threads)
         self.ranks.broadcast(program.dump_state())
         return program
 

@@ -1,5 +1,6 @@
 import importlib.util
 import threading
+import time
 
 import dspy
 import pytest
@@ -43,12 +44,13 @@ class RecordingBackend:
     """The real backend, recording the batches it is asked for."""
 
     def __init__(self, backend):
-        self.backend, self.calls = backend, []
+        self.backend, self.calls, self.prompts = backend, [], []
         self.lock = threading.Lock()
 
     def generate(self, prompts, params):
         with self.lock:
             self.calls.append((len(prompts), params))
+            self.prompts.append(prompts)
         return self.backend.generate(prompts, params)
 
 
@@ -108,6 +110,26 @@ def test_concurrent_dspy_calls_are_batched(format_model, tokenizer):
         usage = lm.history[-1]["usage"]
         assert usage["completion_tokens"] > 0 and usage["prompt_tokens"] > 100
     assert len(result.results) == 8
+
+
+def test_batches_hold_one_programs_requests(format_model, tokenizer):
+    """Requests of two programs (different system prompts) arriving interleaved are generated one program per batch,
+    so that each batch's shared prefix covers the program's whole prompt."""
+    backend = RecordingBackend(TransformersBackend(format_model, tokenizer))
+    requests = [(system, f"Flower {i}?") for i in range(4) for system in ("You know flowers.", "You know trees.")]
+    with serving_lm(backend, "test-grouping", GenerationSettings(max_tokens=4, max_batch_size=4, batch_wait=1.0)) as lm:
+        lm.cache = False
+        threads = []
+        for system, question in requests:  # arrive in this order, well within batch_wait of each other
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+            threads.append(threading.Thread(target=lm, kwargs={"messages": messages}))
+            threads[-1].start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+    assert [len(prompts) for prompts in backend.prompts] == [4, 4]
+    assert [{p[0]["content"] for p in prompts} for prompts in backend.prompts] == [
+        {"You know flowers."}, {"You know trees."}]
 
 
 def test_requests_with_different_settings_share_a_batch(format_model, tokenizer):
