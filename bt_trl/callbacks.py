@@ -221,6 +221,6 @@ class BetterTogetherCallback(TrainerCallback):
         split = ranks.main_generates_for_all(backend) if ranks.world_size > 1 else nullcontext(backend)
         with split as all_ranks, serving_lm(all_ranks, name, self.generation) as lm:
             program = optimize_prompts(self.prompt_optimizer, self.student, lm, self.trainset, self.valset,
-                                       examples_at_once=self.runner.num_threads)
+                                       examples_at_once=self.num_threads)
         ranks.broadcast(program.dump_state())
         return program
