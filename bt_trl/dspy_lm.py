@@ -262,8 +262,10 @@ class ModelEngine(BatchingEngine):
             else:
                 model, adapter = self._full_copy(version), None
             # The project's SFT defaults are the w step's (BetterTogetherConfig; its BetterTogether fields are unused).
-            args = BetterTogetherConfig(str(Path(self.output_dir) / "runs" / source.removeprefix(LM_PREFIX)),
-                                        **{"use_cpu": torch.device(self.device).type == "cpu", **options})
+            args = BetterTogetherConfig(**{
+                "output_dir": str(Path(self.output_dir) / "runs" / source.removeprefix(LM_PREFIX)),
+                "use_cpu": torch.device(self.device).type == "cpu", **options,
+            })
             use_cache = model.config.use_cache
             try:
                 trainer = SFTTrainer(model=model, args=args, train_dataset=rows_to_dataset(rows),
@@ -416,6 +418,7 @@ def load_dspy_program(path: str | Path, program: dspy.Module) -> dspy.Module:
         ) != ENGINE_CLASS or set(lm_state["engine"]) != {"class", "state"}:
             raise ValueError(f"{path}: module {module!r} has an LM that is not a bt_trl.lm; only bt_trl.lm states "
                              f"are loaded (keys {sorted(LM_STATE_KEYS)}, engine {ENGINE_CLASS})")
+        check_train_kwargs(lm_state.get("train_kwargs") or {})
 
     state = checked_program_state(program, path, check_lm)
     loaded = program.deepcopy()

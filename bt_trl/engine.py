@@ -265,8 +265,8 @@ class BatchingEngine:
 
     A worker thread takes the first waiting request, keeps adding requests until none has arrived for `batch_wait`
     seconds (or `max_batch_size` are waiting) and generates them in one backend call, each with its own temperature,
-    top-p and max tokens; only requests with different stop strings or LM names go to separate calls. Requests that arrive while a
-    batch is generating are served together in the next one.
+    top-p and max tokens; only requests with different stop strings or LM names (weights versions) go to separate
+    calls. Requests that arrive while a batch is generating are served together in the next one.
 
     DSPy 3.4 asks a custom engine for one candidate per `complete()`: a call with `n=3` arrives as three requests in
     a row from the same thread, each batched with whatever the other threads are waiting on.

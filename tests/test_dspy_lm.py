@@ -138,15 +138,18 @@ def readme_snippet() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_snippet_better_together(model_dir, tmp_path, monkeypatch, capsys):
-    """The README's snippet, unchanged but for the model: the tiny one instead of the embedded one."""
+def run_readme_snippet(model: str, folder: Path, monkeypatch) -> dict:
+    """Runs the README's snippet in `folder` with `model` in place of the embedded model; returns its variables."""
     code = readme_snippet()
     assert '"embedded:smollm2-135m"' in code
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DSPY_FINETUNEDIR", str(tmp_path / "finetune"))
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("DSPY_FINETUNEDIR", str(folder / "finetune"))
     namespace = {}
-    exec(compile(code.replace('"embedded:smollm2-135m"', repr(model_dir)), "README.md", "exec"), namespace)
+    exec(compile(code.replace('"embedded:smollm2-135m"', repr(model)), "README.md", "exec"), namespace)
+    return namespace
 
+
+def check_better_together_result(namespace: dict, folder: Path, output: str) -> None:
     best = namespace["best"]
     assert not best.flag_compilation_error_occurred
     candidates = best.candidate_programs
@@ -156,6 +159,18 @@ def test_readme_snippet_better_together(model_dir, tmp_path, monkeypatch, capsys
     by_strategy = {c["strategy"]: c["program"].predictors()[0].lm for c in candidates}
     assert by_strategy["p -> w"].model != by_strategy[""].model  # the w step's version
     assert by_strategy["p -> w -> p"].model == by_strategy["p -> w"].model
-    assert (tmp_path / "iris_program.json").is_file()
+    assert (folder / "iris_program.json").is_file()
     assert namespace["loaded"].predictors()[0].lm.model == best.predictors()[0].lm.model
-    assert "p -> w -> p" in capsys.readouterr().out
+    assert "p -> w -> p" in output
+
+
+def test_readme_snippet_better_together(model_dir, tmp_path, monkeypatch, capsys):
+    """The README's snippet, unchanged but for the model: the tiny one instead of the embedded one."""
+    namespace = run_readme_snippet(model_dir, tmp_path, monkeypatch)
+    check_better_together_result(namespace, tmp_path, capsys.readouterr().out)
+
+
+def test_readme_snippet_on_the_embedded_model(tmp_path, monkeypatch, capsys):
+    """The README's snippet as it is: the embedded SmolLM2-135M-Instruct, Iris at the demo's reduced size (minutes)."""
+    namespace = run_readme_snippet("embedded:smollm2-135m", tmp_path, monkeypatch)
+    check_better_together_result(namespace, tmp_path, capsys.readouterr().out)
