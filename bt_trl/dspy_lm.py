@@ -205,8 +205,7 @@ class ModelEngine(BatchingEngine):
         return self._model
 
     def _load_adapter(self, name: str, folder: str):
-        if not (Path(folder) / ADAPTER_WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{folder} has no {ADAPTER_WEIGHTS_FILE}: the adapter of {name} is missing")
+        _check_adapter_folder(folder)
         adapter = self._new_adapter_name()
         if isinstance(self._model, PeftModel):
             self._model.load_adapter(folder, adapter_name=adapter)
@@ -305,6 +304,7 @@ class ModelEngine(BatchingEngine):
             return self._load_full(version.folder)
         model = self._load_full(resolve_model_name_or_path(self.model_name_or_path))
         if version.kind == ADAPTER:
+            _check_adapter_folder(version.folder)
             model = PeftModel.from_pretrained(model, version.folder).merge_and_unload()
         return model
 
@@ -360,6 +360,12 @@ class ModelEngine(BatchingEngine):
         check_model_name_or_path(state["model"])
         return cls(state["model"], GenerationSettings(**settings), device=state["device"],
                    output_dir=state["output_dir"], versions=versions)
+
+
+def _check_adapter_folder(folder: str) -> None:
+    """Adapters are read from safetensors only (PEFT would fall back to a pickled `adapter_model.bin`)."""
+    if not (Path(folder) / ADAPTER_WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {ADAPTER_WEIGHTS_FILE}: the adapter's weights are missing")
 
 
 class ModelProvider(Provider):
