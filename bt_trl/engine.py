@@ -229,6 +229,7 @@ def _eos_token_ids(model, tokenizer) -> set[int]:
 class _Pending:
     messages: list[dict]
     params: SamplingParams
+    model: str  # the DSPy LM name the request was made under (one weights version)
     future: Future = field(default_factory=Future)
 
 
@@ -238,15 +239,18 @@ class EngineStats:
     batches: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    failed_requests: int = 0  # requests whose generation raised (the error went to the caller)
 
     def snapshot(self) -> EngineStats:
-        return EngineStats(self.requests, self.batches, self.prompt_tokens, self.completion_tokens)
+        return EngineStats(self.requests, self.batches, self.prompt_tokens, self.completion_tokens,
+                           self.failed_requests)
 
     def add(self, other: EngineStats) -> None:
         self.requests += other.requests
         self.batches += other.batches
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.failed_requests += other.failed_requests
 
     def count(self, generations: Sequence[Generation]) -> None:
         """Adds one backend call that produced `generations`."""
@@ -261,8 +265,8 @@ class BatchingEngine:
 
     A worker thread takes the first waiting request, keeps adding requests until none has arrived for `batch_wait`
     seconds (or `max_waiting` are waiting) and generates up to `max_batch_size` of them in one backend call, each with
-    its own temperature, top-p and max tokens; only requests with different stop strings go to separate calls.
-    Requests that arrive while a batch is generating are served in the next ones.
+    its own temperature, top-p and max tokens; only requests with different stop strings or LM names (weights
+    versions) go to separate calls. Requests that arrive while a batch is generating are served in the next ones.
 
     A batch holds the requests that share the oldest waiting request's prompt up to its last message (the system
     prompt and the demos of one program: the backend encodes that prefix once for the whole batch), unless that
@@ -306,7 +310,7 @@ class BatchingEngine:
             stop=tuple(config.stop or ()),
             grammar=output_grammar(config.response_format),
         )
-        pending = _Pending(chat_messages(request), params)
+        pending = _Pending(chat_messages(request), params, request.model)
         self._ensure_worker()
         self._queue.put(pending)
         return response(request, pending.future.result())
@@ -355,15 +359,22 @@ class BatchingEngine:
         self._waiting = [p for p in waiting if id(p) not in chosen]
         return batch
 
+    def _generate(self, model: str, prompts: list[list[dict]], params: list[SamplingParams]) -> list[Generation]:
+        """One backend call for requests made under the LM name `model` (an engine serving several weights versions
+        picks the version here)."""
+        return self.backend.generate(prompts, params)
+
     def _serve(self) -> None:
         while (batch := self._next_batch()) is not None:
-            groups: dict[tuple[str, ...], list[_Pending]] = defaultdict(list)
+            groups: dict[tuple[str, tuple[str, ...]], list[_Pending]] = defaultdict(list)
             for item in batch:
-                groups[item.params.stop].append(item)
-            for group in groups.values():
+                groups[item.model, item.params.stop].append(item)
+            for (model, _), group in groups.items():
                 try:
-                    generations = self.backend.generate([p.messages for p in group], [p.params for p in group])
+                    generations = self._generate(model, [p.messages for p in group], [p.params for p in group])
                 except BaseException as exc:  # delivered to the waiting DSPy threads, which count it
+                    with self._lock:
+                        self.stats.failed_requests += len(group)
                     for p in group:
                         p.future.set_exception(exc)
                     continue

@@ -337,6 +337,13 @@ def load_program_state(program: dspy.Module, path: Path) -> None:
     modules. Here the file is parsed as JSON, its modules must be exactly the program's, each with only the keys
     a `Predict` saves, no LM, and as many signature fields as the module has.
     """
+    program.load_state(checked_program_state(program, path))
+
+
+def checked_program_state(program: dspy.Module, path: Path, check_lm=None) -> dict:
+    """The module states of the DSPy JSON program file `path`, checked against `program` (see `load_program_state`).
+    A module state naming an LM is refused, unless `check_lm(module_name, lm_state)` is given and accepts it (it
+    raises ValueError otherwise)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a BetterTogether repository holds its program in {PROGRAM_FILE}")
     state = json.loads(path.read_text())
@@ -355,13 +362,15 @@ def load_program_state(program: dspy.Module, path: Path) -> None:
         if unknown:
             raise ValueError(f"{path}: module {name!r} has keys a DSPy module does not save: {sorted(unknown)}")
         if module_state.get("lm") is not None:
-            raise ValueError(f"{path}: module {name!r} names its own LM; a program file must not choose where its "
-                             f"calls go (the loader serves them from the pushed model)")
+            if check_lm is None:
+                raise ValueError(f"{path}: module {name!r} names its own LM; a program file must not choose where "
+                                 f"its calls go (the loader serves them from the pushed model)")
+            check_lm(name, module_state["lm"])
         fields = module_state.get("signature", {}).get("fields", [])
         if len(fields) != len(module.signature.fields):
             raise ValueError(f"{path}: module {name!r} has {len(fields)} signature fields, the program's has "
                              f"{len(module.signature.fields)}: pass the program that was trained as program=")
-    program.load_state({name: state[name] for name in modules})
+    return {name: state[name] for name in modules}
 
 
 def _local_folder(repo_id_or_path: str | Path, revision: str | None, token: str | None) -> Path:

@@ -25,22 +25,25 @@ class TraceDataset:
         return self.summary.passed
 
 
+def chat_row(messages: list[dict]) -> dict:
+    """A formatted chat (an adapter's `format_finetune_data` messages, ending with the module's answer) as one
+    conversational prompt/completion row: the loss goes on the answer only."""
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
 def trace_to_rows(trace: list, adapter: dspy.Adapter) -> list[dict]:
     """One conversational prompt/completion row per module call in `trace`, formatted as the program's adapter
     formats it at inference, with the demos left out: the fine-tuned weights must carry what the demos taught."""
-    rows = []
-    for predictor, inputs, outputs in trace:
-        messages = adapter.format_finetune_data(
+    return [
+        chat_row(adapter.format_finetune_data(
             signature=predictor.signature, demos=[], inputs=inputs, outputs=dict(outputs)
-        )["messages"]
-        rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
-    return rows
+        )["messages"])
+        for predictor, inputs, outputs in trace
+    ]
 
 
-def traces_to_dataset(calls: list[ProgramCall], adapter: dspy.Adapter | None = None) -> TraceDataset:
-    """Pools the module calls of every passing program call into one multitask dataset."""
-    adapter = adapter or program_adapter()
-    rows = [row for call in calls if call.passed for row in trace_to_rows(call.trace, adapter)]
+def rows_to_dataset(rows: list[dict]) -> datasets.Dataset:
+    """Prompt/completion rows (see `chat_row`) as the dataset a w step's `SFTTrainer` trains on."""
     features = datasets.Features(
         {
             "prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
@@ -48,4 +51,11 @@ def traces_to_dataset(calls: list[ProgramCall], adapter: dspy.Adapter | None = N
         }
     )
     columns = {name: [row[name] for row in rows] for name in features}  # from_dict: zero rows keep the schema
-    return TraceDataset(datasets.Dataset.from_dict(columns, features=features), RunSummary.of(calls))
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def traces_to_dataset(calls: list[ProgramCall], adapter: dspy.Adapter | None = None) -> TraceDataset:
+    """Pools the module calls of every passing program call into one multitask dataset."""
+    adapter = adapter or program_adapter()
+    rows = [row for call in calls if call.passed for row in trace_to_rows(call.trace, adapter)]
+    return TraceDataset(rows_to_dataset(rows), RunSummary.of(calls))
