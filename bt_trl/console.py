@@ -7,8 +7,8 @@ full — goes to `output_dir/run.log`; a warning reaches the console once.
 progress and draws tqdm bars), and Python warnings are logged there and shown on the console the first time only.
 Everything is restored when the session ends.
 
-The display counts program calls (top-level calls of the program, whoever makes them: the prompt optimizer, trace
-collection, valset scoring), the ones whose output passed the metric and the unparseable ones. On a terminal it is one
+The display counts program calls (top-level module calls, whoever makes them: the prompt optimizer, trace collection,
+valset scoring; see `ProgramCallCounter`), the ones whose output passed the metric and the unparseable ones. On a terminal it is one
 line redrawn in place; when the output is not a terminal (CI logs, a pipe) or with `disable_tqdm`, a step prints one
 line when it starts, a status line every `NONINTERACTIVE_INTERVAL` seconds and its row when it ends.
 """
@@ -26,7 +26,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import dspy
 from dspy.utils.callback import BaseCallback
+from dspy.utils.callback_context import ACTIVE_CALL_ID
 from dspy.utils.exceptions import AdapterParseError
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -121,17 +123,25 @@ class _StepProgress:
 
 
 class ProgramCallCounter(BaseCallback):
-    """A DSPy callback on the top-level program: every call of it ends here, whichever thread or optimizer made it.
-    Attached to the program itself (`program.callbacks`), not to DSPy's settings, so the program's own modules are not
-    counted and no thread needs the settings passed on. Copies of the program share it."""
+    """A DSPy callback (in DSPy's settings during a session) that sees every program call end, whichever thread or
+    optimizer made it. A program call is a module call made outside any other module call; the modules it calls in
+    turn are not counted. (A metric that calls a DSPy module, an LM judge, has its calls counted as well.)"""
 
     def __init__(self, console: RunConsole):
         self.console = console
+        self._top_level: set[str] = set()
+        self._lock = threading.Lock()
 
-    def __deepcopy__(self, memo):  # DSPy deep-copies programs many times per step: the counter stays one
-        return self
+    def on_module_start(self, call_id, instance, inputs):
+        if ACTIVE_CALL_ID.get() is None:  # DSPy's id of the module call this one is made in, if any
+            with self._lock:
+                self._top_level.add(call_id)
 
     def on_module_end(self, call_id, outputs, exception):
+        with self._lock:
+            if call_id not in self._top_level:
+                return
+            self._top_level.discard(call_id)
         self.console._program_call_ended(exception)
 
 
@@ -264,7 +274,9 @@ class RunConsole:
         self._depth, self.unparseable = 1, 0
         logger.info("session started")
         try:
-            yield self
+            # DSPy passes its settings on to the threads of its optimizers and Evaluate; bt_trl's ProgramRunner too.
+            with dspy.context(callbacks=[*dspy.settings.callbacks, self.program_calls]):
+                yield self
         finally:
             self._depth = 0
             self._clear()

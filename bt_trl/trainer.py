@@ -110,14 +110,13 @@ class BetterTogetherTrainer(SFTTrainer):
             raise ValueError("FSDP version 2 is not supported: generation needs the full parameters materialized "
                              "once per step (FSDP version 1, as in accelerate_configs/fsdp.yaml, or DeepSpeed ZeRO-3)")
 
-        # The student's calls and the metric's verdicts feed the progress display; the w steps' fine-tuning reports to
-        # it instead of transformers' progress bar.
+        # The program's calls and the metric's verdicts feed the progress display; the w steps' fine-tuning reports
+        # to it instead of transformers' progress bar.
         self.console.replace_progress_callbacks(self.callback_handler)
         self._log_tensorboard_to_output_dir()
         metric = self.console.counting_passes(metric, args.metric_threshold)
         self.student = program.deepcopy()
         self.student.set_lm(None)
-        self.student.callbacks = [*self.student.callbacks, self.console.program_calls]
         self.trainset, self.valset, self.metric = trainset, valset, metric
         self.prompt_optimizer = prompt_optimizer or default_prompt_optimizer(
             metric, max_bootstrapped_demos=args.max_bootstrapped_demos, max_labeled_demos=args.max_labeled_demos,
@@ -223,13 +222,9 @@ class BetterTogetherTrainer(SFTTrainer):
     def evaluate_program(self, examples, program: dspy.Module | None = None) -> RunSummary:
         """Scores `program` (default: `trainer.program`) on `examples` with the current weights."""
         examples = to_examples(examples, self.args.input_columns, "examples")
-        program = program or self.program
-        if self.console.program_calls not in program.callbacks:  # a program of the caller's: count its calls too
-            program = program.deepcopy()
-            program.callbacks = [*program.callbacks, self.console.program_calls]
         with self.console.session(), self.serving() as lm:
             self.console.begin("evaluation", len(examples))
-            summary = self.runner.evaluate(program, examples, lm)
+            summary = self.runner.evaluate(program or self.program, examples, lm)
             self.console.end()
         return summary
 

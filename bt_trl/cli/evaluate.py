@@ -48,7 +48,6 @@ def evaluate(eval_args: EvaluateArguments, task_args: TaskArguments) -> dict:
     console = RunConsole(output_dir, log_level=logging.WARNING)
     with console.session():
         program = load_program(eval_args.run, program=task.program(), revision=eval_args.revision)
-        program.callbacks = [*program.callbacks, console.program_calls]
         lm = program.predictors()[0].lm  # every module runs on the one LM load_program serves
         console.begin(f"{task.name} {eval_args.split}", len(examples))
         summary = ProgramRunner(console.counting_passes(task.metric, None), eval_args.num_threads).evaluate(

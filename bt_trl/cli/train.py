@@ -1,7 +1,8 @@
-"""`bt-trl train`: run a BetterTogether strategy on a task, print the results table and the test score.
+r"""`bt-trl train`: run a BetterTogether strategy on a task, print the results table and the test score.
 
     bt-trl train --config recipes/iris_quick.yaml
-    bt-trl train --task iris --strategy "p -> w" --output_dir out/iris --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct
+    bt-trl train --task iris --strategy "p -> w" --output_dir out/iris \
+        --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct
     bt-trl train --config recipes/iris_quick.yaml --model_name_or_path embedded:qwen2.5-coder-0.5b
     accelerate launch --config_file accelerate_configs/X.yaml -m bt_trl.cli train --config recipe.yaml
 
