@@ -4,13 +4,14 @@ full — goes to `output_dir/run.log`; a warning reaches the console once.
 
 `RunConsole.session()` routes the output for the duration of a run: the loggers of the libraries a run uses write to
 `run.log` instead of the terminal, `sys.stdout`/`sys.stderr` are logged there line by line (DSPy prints its optimizer's
-progress and draws tqdm bars), and Python warnings are logged there and shown on the console the first time only.
+progress and draws tqdm bars), and Python warnings are logged there and shown on the console the first time only (not
+at all when raised inside those libraries: deprecations between them, mostly).
 Everything is restored when the session ends.
 
 The display counts program calls (top-level module calls, whoever makes them: the prompt optimizer, trace collection,
-valset scoring; see `ProgramCallCounter`), the ones whose output passed the metric and the unparseable ones. On a terminal it is one
-line redrawn in place; when the output is not a terminal (CI logs, a pipe) or with `disable_tqdm`, a step prints one
-line when it starts, a status line every `NONINTERACTIVE_INTERVAL` seconds and its row when it ends.
+valset scoring; see `ProgramCallCounter`), the ones whose output passed the metric and the unparseable ones. On a
+terminal it is one line redrawn in place; when the output is not a terminal (CI logs, a pipe) or with `disable_tqdm`, a
+step prints one line when it starts, a status line every `NONINTERACTIVE_INTERVAL` seconds and its row when it ends.
 """
 
 from __future__ import annotations
@@ -41,9 +42,18 @@ RUN_LOG_FILE = "run.log"
 # Loggers whose records go to run.log only during a session (their levels are left as they are).
 LIBRARY_LOGGERS = ("dspy", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "torch",
                    "LiteLLM", "httpx", "urllib3", "filelock", "stdout", "stderr", "py.warnings")
+# Python warnings raised inside these packages (deprecations between them, mostly) go to run.log only.
+LIBRARY_PACKAGES = frozenset({"dspy", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub",
+                              "torch", "litellm", "tokenizers", "safetensors"})
 NONINTERACTIVE_INTERVAL = 300.0  # seconds between status lines when the output is not a terminal
 REDRAW_INTERVAL = 0.1  # seconds between redraws of the live line
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _from_library(filename: str) -> bool:
+    parts = Path(filename).parts
+    return any(part in ("site-packages", "dist-packages") and parts[i + 1] in LIBRARY_PACKAGES
+               for i, part in enumerate(parts[:-1]))
 
 
 def _duration(seconds: float) -> str:
@@ -129,20 +139,19 @@ class ProgramCallCounter(BaseCallback):
 
     def __init__(self, console: RunConsole):
         self.console = console
-        self._top_level: set[str] = set()
+        self._module_calls: dict[str, bool] = {}  # module calls under way: call id -> is a program call
         self._lock = threading.Lock()
 
     def on_module_start(self, call_id, instance, inputs):
-        if ACTIVE_CALL_ID.get() is None:  # DSPy's id of the module call this one is made in, if any
-            with self._lock:
-                self._top_level.add(call_id)
+        parent = ACTIVE_CALL_ID.get()  # the DSPy call (a module's, or e.g. `Evaluate`'s) this one is made in
+        with self._lock:
+            self._module_calls[call_id] = parent not in self._module_calls
 
     def on_module_end(self, call_id, outputs, exception):
         with self._lock:
-            if call_id not in self._top_level:
-                return
-            self._top_level.discard(call_id)
-        self.console._program_call_ended(exception)
+            is_program_call = self._module_calls.pop(call_id, False)
+        if is_program_call:
+            self.console._program_call_ended(exception)
 
 
 class _TrainingProgress(TrainerCallback):
@@ -202,7 +211,7 @@ class RunConsole:
         self._progress: _StepProgress | None = None
         self._last_draw = 0.0
         self._seen: set = set()
-        self._repeats = 0
+        self._hidden = 0  # warnings in run.log only: repeats, and those of the libraries
         self.unparseable = 0  # in the current session
         self._stdout = self._stderr = None  # the real streams, during a session
         self._live = False  # redrawing a live line (interactive, on a terminal)
@@ -292,7 +301,10 @@ class RunConsole:
     def _show_warning(self, previous, message, category, filename, lineno, file=None, line=None):
         logging.getLogger("py.warnings").warning(
             "%s", warnings.formatwarning(message, category, filename, lineno, line).rstrip())
-        if self.is_main and self._first_time(("warning", category, str(message))):
+        if _from_library(filename):
+            with self._lock:
+                self._hidden += 1
+        elif self.is_main and self._first_time(("warning", category, str(message))):
             with self._lock:
                 self._clear()
                 previous(message, category, filename, lineno, self._stderr, line)  # (pytest's recorder, if any)
@@ -301,7 +313,7 @@ class RunConsole:
     def _first_time(self, key) -> bool:
         with self._lock:
             if key in self._seen:
-                self._repeats += 1
+                self._hidden += 1
                 return False
             self._seen.add(key)
             return True
@@ -352,7 +364,7 @@ class RunConsole:
         """The results table, the best step, and where the rest is."""
         best = state.best()
         notes = [f"{self.unparseable} unparseable answers in full" if self.unparseable else "",
-                 f"{self._repeats} repeated warnings" if self._repeats else ""]
+                 f"{self._hidden} warnings not shown here" if self._hidden else ""]
         notes = ", ".join(n for n in notes if n)
         self.print(
             f"\n{results_header()}\n" + "".join(results_row(s, best.index) + "\n" for s in state.steps)
