@@ -2,6 +2,7 @@
 subprocess), run.log, the trainset/valset overlap warning, TensorBoard's event files, results.png, `bt-trl evaluate`."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
 from bt_trl.cli import main as bt_trl_main
+from bt_trl.console import RunConsole
 from bt_trl.tasks import iris
 from conftest import tiny_model
 
@@ -37,6 +39,34 @@ def test_the_console_script_is_the_cli():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"bt-trl": "bt_trl.cli:main"}
     assert bt_trl_main(["--help"]) == 0
+
+
+@pytest.mark.parametrize("log_level", [logging.WARNING, logging.ERROR])
+def test_the_session_routes_library_output_to_run_log_and_shows_warnings_once(tmp_path, capsys, recwarn, log_level):
+    library_handlers = list(logging.getLogger("transformers").handlers)
+    console = RunConsole(tmp_path, interactive=True, log_level=log_level)
+    message = "a warning of the caller's"
+    with console.session(), warnings.catch_warnings():
+        warnings.simplefilter("always")  # every occurrence reaches the session, not only the first of each line
+        for _ in range(3):
+            logging.getLogger("bt_trl.trainer").warning("w step %d: nothing to train on", 2)
+            warnings.warn(message, UserWarning)
+        logging.getLogger("transformers.trainer").warning("a library's warning")
+        print("a library's print")
+        console.begin("step 1/1 p", 10)
+        console.end("| 1 | p | row |")
+    shown = capsys.readouterr()
+    log = (tmp_path / "run.log").read_text()
+
+    assert log.count("nothing to train on") == 3 and log.count("a warning of the caller's") == 3
+    assert "a library's warning" in log and "a library's print" in log
+    assert "a library's" not in shown.out + shown.err
+    # bt_trl's own messages at the log level and above, once; a Python warning once (to whoever showed warnings
+    # before the session: here pytest's recorder); no redrawn line off a terminal.
+    assert shown.err.count("nothing to train on") == (1 if log_level <= logging.WARNING else 0)
+    assert [str(w.message) for w in recwarn] == [message]
+    assert shown.out == "step 1/1 p: started (up to 10 program calls)\n| 1 | p | row |\n"
+    assert logging.getLogger("transformers").handlers == library_handlers  # restored
 
 
 def test_bt_trl_train_prints_a_screenful_and_logs_the_rest(tokenizer, tmp_path):
