@@ -100,7 +100,7 @@ def plot_results(state: RunState, path: str | Path) -> None:
     steps = state.steps
     x = list(range(len(steps)))
     best = state.best()
-    fig = Figure(figsize=(max(4.0, 1.1 * len(steps) + 2), 3.6))
+    fig = Figure(figsize=(max(5.0, 1.1 * len(steps) + 2), 4.0))
     score_axis = fig.add_subplot()
     traces_axis = score_axis.twinx()
     w_steps = [s for s in steps if s.traces_total is not None]
@@ -110,7 +110,6 @@ def plot_results(state: RunState, path: str | Path) -> None:
                         label="traces collected")
         traces_axis.bar(positions, [s.traces_kept for s in w_steps], width=0.5, color="tab:green", alpha=0.7,
                         label="traces kept")
-        traces_axis.legend(loc="upper right", fontsize=8)
     traces_axis.set_ylabel("w step: traces")
     traces_axis.set_ylim(0, max([s.traces_total for s in w_steps] or [1]) * 1.25)
     score_axis.set_zorder(traces_axis.get_zorder() + 1)  # the score line above the bars
@@ -121,8 +120,10 @@ def plot_results(state: RunState, path: str | Path) -> None:
     score_axis.set_ylim(0, 105)
     score_axis.set_ylabel("val score")
     score_axis.set_xticks(x, [f"{s.index}\n{s.kind}" for s in steps])
-    score_axis.legend(loc="upper left", fontsize=8)
-    score_axis.set_title(f"BetterTogether {' -> '.join(state.strategy)}")
+    handles = [h for axis in (score_axis, traces_axis) for h in axis.get_legend_handles_labels()[0]]
+    score_axis.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8,
+                      frameon=False)  # above the plot: the curve often runs along the top
+    fig.suptitle(f"BetterTogether {' -> '.join(state.strategy)}")
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
 
