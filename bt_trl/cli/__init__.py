@@ -27,9 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", metavar="command")
     for name, help_text in COMMANDS.items():
         subparsers.add_parser(name, help=help_text, add_help=False)  # each command parses its own flags
-    if not argv or argv[0] not in COMMANDS:
-        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv[:1])
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] not in COMMANDS:
+        parser.parse_args(argv[:1])  # exits, naming the valid commands
     name, rest = argv[0], argv[1:]
     if name == "train":
         from .train import run
