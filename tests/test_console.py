@@ -104,9 +104,10 @@ def test_bt_trl_train_prints_a_screenful_and_logs_the_rest(tokenizer, tmp_path):
 
     log = (output_dir / "run.log").read_text()
     assert "Average Metric" in log and "Bootstrapped 0 full traces" in log
-    # Every unparseable answer is in run.log in full, and counted on the console.
-    logged = log.count("unparseable answer (")
-    assert logged > 0 and log.count("LM Response:") >= logged
+    # Every unparseable answer is in run.log in full, and counted on the console (the training's; the test set's
+    # scoring follows it).
+    logged = log.count("unparseable answer (step ")
+    assert logged > 0 and log.count("LM Response:") >= logged + log.count("unparseable answer (evaluation)") > logged
     counted = re.search(r"\((\d+) unparseable answers in full", console)
     assert counted and int(counted.group(1)) == logged
     assert (output_dir / "results.png").read_bytes().startswith(b"\x89PNG")
