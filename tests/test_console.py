@@ -113,10 +113,10 @@ def test_bt_trl_train_prints_a_screenful_and_logs_the_rest(tokenizer, tmp_path):
     assert (output_dir / "results.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_shared_trainset_and_valset_are_warned_about_before_any_work(format_model, tokenizer, tmp_path):
+def test_shared_trainset_and_valset_are_warned_about_before_any_work(tokenizer, tmp_path):
     train, val, _ = iris.load_splits(0, (6, 4, 0))
     shared = val[:2] + train[2:]
-    kwargs = dict(model=format_model, args=config(tmp_path), program=iris.program(), metric=iris.metric,
+    kwargs = dict(model=tiny_model(tokenizer), args=config(tmp_path), program=iris.program(), metric=iris.metric,
                   processing_class=tokenizer)
     with pytest.warns(UserWarning, match="2 of the 4 valset examples are also in the trainset"):
         BetterTogetherTrainer(trainset=shared, valset=val, **kwargs)
