@@ -141,7 +141,8 @@ def test_tensorboard_results_png_and_bt_trl_evaluate(tokenizer, tmp_path, monkey
     output_dir = tmp_path / "run"
     train, val, test = iris.load_splits(0, (6, 4, 4))
     trainer = BetterTogetherTrainer(
-        model=str(model_dir), args=config(output_dir, strategy="w", report_to=["tensorboard"], generation_max_tokens=32),
+        model=str(model_dir),
+        args=config(output_dir, strategy="w", report_to=["tensorboard"], generation_max_tokens=32),
         program=iris.program(), metric=lambda example, prediction, trace=None: True, trainset=train, valset=val,
         processing_class=tokenizer, peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
     )
