@@ -18,6 +18,7 @@ from pathlib import Path
 from trl import TrlParser
 
 from ..console import RunConsole
+from ..engine import GenerationSettings
 from ..hub import load_program
 from ..runner import ProgramRunner
 from .train import TaskArguments
@@ -30,6 +31,9 @@ class EvaluateArguments:
     run: str = field(metadata={"help": "A run folder (a finished run's output_dir) or a Hub model id."})
     split: str = field(default="test", metadata={"help": "Which split of the task to score.", "choices": list(SPLITS)})
     num_threads: int = field(default=8, metadata={"help": "Concurrent program calls (batched by the engine)."})
+    generation_max_tokens: int | None = field(
+        default=None, metadata={"help": "Maximum new tokens per LM call (default: what the run recorded, else 256)."}
+    )
     output_dir: str | None = field(
         default=None,
         metadata={"help": "Where the score (evaluation_<task>_<split>.json) and run.log go; default: the run folder, "
@@ -47,7 +51,9 @@ def evaluate(eval_args: EvaluateArguments, task_args: TaskArguments) -> dict:
         eval_args.run if Path(eval_args.run).is_dir() else Path("evaluation") / Path(eval_args.run).name))
     console = RunConsole(output_dir, log_level=logging.WARNING)
     with console.session():
-        program = load_program(eval_args.run, program=task.program(), revision=eval_args.revision)
+        settings = None if eval_args.generation_max_tokens is None else GenerationSettings(
+            max_tokens=eval_args.generation_max_tokens)
+        program = load_program(eval_args.run, program=task.program(), revision=eval_args.revision, settings=settings)
         lm = program.predictors()[0].lm  # every module runs on the one LM load_program serves
         console.begin(f"{task.name} {eval_args.split}", len(examples))
         summary = ProgramRunner(console.counting_passes(task.metric, None), eval_args.num_threads).evaluate(
