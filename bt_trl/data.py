@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import json
+import warnings
 from collections.abc import Sequence
 
 import datasets
@@ -65,3 +67,22 @@ def check_metric(metric) -> None:
         ) from None
     except ValueError:  # builtins without an introspectable signature
         pass
+
+
+def warn_shared_examples(trainset: list[dspy.Example], valset: list[dspy.Example]) -> int:
+    """Warns when examples of the valset are also in the trainset (same fields, same values): the valset picks the
+    p step's candidate and the best step, and scores measured on training examples overrate both. Returns how many
+    valset examples are shared."""
+    train_keys = {_example_key(example) for example in trainset}
+    shared = sum(_example_key(example) in train_keys for example in valset)
+    if shared:
+        warnings.warn(
+            f"{shared} of the {len(valset)} valset examples are also in the trainset: the valset chooses the prompt "
+            "step's candidate and the best step, and scores on examples trained on overrate them; pass disjoint sets",
+            UserWarning, stacklevel=3,
+        )
+    return shared
+
+
+def _example_key(example: dspy.Example) -> str:
+    return json.dumps(example.toDict(), sort_keys=True, default=repr)

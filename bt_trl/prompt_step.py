@@ -8,15 +8,20 @@ the results DSPy's sequential run gives under greedy decoding. Other teleprompte
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import sys
 
 import dspy
-from dspy.teleprompt import BootstrapFewShot, BootstrapFewShotWithRandomSearch, Teleprompter
+from dspy.teleprompt import BootstrapFewShot, BootstrapFewShotWithRandomSearch, LabeledFewShot, Teleprompter
 
 from .batched_bootstrap import BatchedBootstrapFewShot
 from .concurrent_search import ConcurrentRandomSearch
 from .runner import program_adapter
+
+logger = logging.getLogger(__name__)
 
 # DSPy's Evaluate cancels a whole evaluation after `max_errors` failed calls (10 by default). A small model's
 # unparseable answers are ordinary failures here: they score 0 and the search goes on.
@@ -27,16 +32,36 @@ def default_prompt_optimizer(metric, *, max_bootstrapped_demos: int = 3, max_lab
                              num_candidate_programs: int = 6, num_threads: int = 8, max_rounds: int = 1,
                              metric_threshold: float | None = None) -> Teleprompter:
     """The paper's prompt step: bootstrapped + labeled few-shot demos, random search over candidate sets."""
-    return BootstrapFewShotWithRandomSearch(
-        metric=metric,
-        metric_threshold=metric_threshold,
-        max_bootstrapped_demos=max_bootstrapped_demos,
-        max_labeled_demos=max_labeled_demos,
-        num_candidate_programs=num_candidate_programs,
-        num_threads=num_threads,
-        max_rounds=max_rounds,
-        max_errors=NO_ERROR_LIMIT,
-    )
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # its constructor prints the settings given here
+        optimizer = BootstrapFewShotWithRandomSearch(
+            metric=metric,
+            metric_threshold=metric_threshold,
+            max_bootstrapped_demos=max_bootstrapped_demos,
+            max_labeled_demos=max_labeled_demos,
+            num_candidate_programs=num_candidate_programs,
+            num_threads=num_threads,
+            max_rounds=max_rounds,
+            max_errors=NO_ERROR_LIMIT,
+        )
+    logger.debug(printed.getvalue().strip())
+    return optimizer
+
+
+def expected_program_calls(optimizer: Teleprompter, train_size: int, val_size: int) -> int | None:
+    """At most how many program calls `optimizer.compile` makes (for the progress display), or None when unknown.
+
+    `BootstrapFewShotWithRandomSearch` scores `num_candidate_programs` + 3 candidates on the valset and bootstraps
+    all but the zero-shot and labeled-only ones, each through the trainset at most once per round (it stops at
+    enough passing traces); `BootstrapFewShot` bootstraps once; `LabeledFewShot` calls nothing."""
+    if isinstance(optimizer, BootstrapFewShotWithRandomSearch):
+        bootstraps = (optimizer.num_candidate_sets + 1) if optimizer.max_num_samples else 0
+        return ((optimizer.num_candidate_sets + 3) * val_size
+                + bootstraps * train_size * optimizer.max_rounds)
+    if isinstance(optimizer, BootstrapFewShot):
+        return train_size * optimizer.max_rounds if optimizer.max_bootstrapped_demos else 0
+    if isinstance(optimizer, LabeledFewShot):
+        return 0
+    return None
 
 
 def as_batched(optimizer: Teleprompter, examples_at_once: int):

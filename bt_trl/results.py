@@ -69,22 +69,63 @@ def _fmt(value, spec: str = "") -> str:
     return "" if value is None else format(value, spec)
 
 
+def results_header() -> str:
+    return (
+        "| step | kind | val score | traces kept / total | pass rate | SFT examples | loss first → last "
+        "| tokens | seconds | note |\n"
+        "|---:|---|---:|---:|---:|---:|---|---:|---:|---|"
+    )
+
+
+def results_row(s: StepResult, best_index: int | None, note: str = "") -> str:
+    """One step's row of the results table; `best_index` marks the best step (None while the run goes on), `note`
+    is added to the note column."""
+    traces = f"{s.traces_kept} / {s.traces_total}" if s.traces_total is not None else ""
+    loss = f"{s.first_loss:.3f} → {s.last_loss:.3f}" if s.first_loss is not None else ""
+    note = "; ".join(x for x in ("best" if s.index == best_index else "", s.skipped or "", note) if x)
+    return (f"| {s.index} | {s.kind} | {s.val_score:.1f} | {traces} | {_fmt(s.pass_rate, '.1f')} "
+            f"| {_fmt(s.sft_examples)} | {loss} | {s.completion_tokens} | {s.seconds:.1f} | {note} |")
+
+
 def results_markdown(state: RunState) -> str:
     best = state.best().index
-    lines = [
-        "| step | kind | val score | traces kept / total | pass rate | SFT examples | loss first → last "
-        "| tokens | seconds | note |",
-        "|---:|---|---:|---:|---:|---:|---|---:|---:|---|",
-    ]
-    for s in state.steps:
-        traces = f"{s.traces_kept} / {s.traces_total}" if s.traces_total is not None else ""
-        loss = f"{s.first_loss:.3f} → {s.last_loss:.3f}" if s.first_loss is not None else ""
-        note = "; ".join(x for x in ("best" if s.index == best else "", s.skipped or "") if x)
-        lines.append(
-            f"| {s.index} | {s.kind} | {s.val_score:.1f} | {traces} | {_fmt(s.pass_rate, '.1f')} "
-            f"| {_fmt(s.sft_examples)} | {loss} | {s.completion_tokens} | {s.seconds:.1f} | {note} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join([results_header(), *(results_row(s, best) for s in state.steps)]) + "\n"
+
+
+def plot_results(state: RunState, path: str | Path) -> None:
+    """`results.png`: the val score of every step (the best one starred) and, for w steps, the traces kept of those
+    collected. Drawn on a bare matplotlib `Figure` (no pyplot): no backend or global state of the caller's changes."""
+    from matplotlib.figure import Figure
+
+    steps = state.steps
+    x = list(range(len(steps)))
+    best = state.best()
+    fig = Figure(figsize=(max(5.0, 1.1 * len(steps) + 2), 4.0))
+    score_axis = fig.add_subplot()
+    traces_axis = score_axis.twinx()
+    w_steps = [s for s in steps if s.traces_total is not None]
+    if w_steps:
+        positions = [steps.index(s) for s in w_steps]
+        traces_axis.bar(positions, [s.traces_total for s in w_steps], width=0.5, color="lightgray",
+                        label="traces collected")
+        traces_axis.bar(positions, [s.traces_kept for s in w_steps], width=0.5, color="tab:green", alpha=0.7,
+                        label="traces kept")
+    traces_axis.set_ylabel("w step: traces")
+    traces_axis.set_ylim(0, max([s.traces_total for s in w_steps] or [1]) * 1.25)
+    score_axis.set_zorder(traces_axis.get_zorder() + 1)  # the score line above the bars
+    score_axis.patch.set_visible(False)
+    score_axis.plot(x, [s.val_score for s in steps], marker="o", color="tab:blue", label="val score")
+    score_axis.plot([best.index], [best.val_score], marker="*", markersize=16, color="tab:orange", linestyle="",
+                    label=f"best (step {best.index})")
+    score_axis.set_ylim(0, 105)
+    score_axis.set_ylabel("val score")
+    score_axis.set_xticks(x, [f"{s.index}\n{s.kind}" for s in steps])
+    handles = [h for axis in (score_axis, traces_axis) for h in axis.get_legend_handles_labels()[0]]
+    score_axis.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8,
+                      frameon=False)  # above the plot: the curve often runs along the top
+    fig.suptitle(f"BetterTogether {' -> '.join(state.strategy)}")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
 
 
 def write_results(state: RunState, output_dir: str | Path) -> None:
@@ -99,3 +140,4 @@ def write_results(state: RunState, output_dir: str | Path) -> None:
             indent=2,
         )
     )
+    plot_results(state, output_dir / "results.png")

@@ -208,11 +208,12 @@ class ProgramRunner:
             return []
 
         adapter = program_adapter()  # read here: DSPy settings are per thread
+        callbacks = dspy.settings.callbacks  # (the console's call counter among them: bt_trl/console.py)
 
         def call(example: dspy.Example) -> ProgramCall:
             result = ProgramCall(example)
             trace: list = []
-            with dspy.context(lm=lm, trace=trace, adapter=adapter):
+            with dspy.context(lm=lm, trace=trace, adapter=adapter, callbacks=callbacks):
                 try:
                     result.prediction = program(**example.inputs())
                 except AdapterParseError:

@@ -14,6 +14,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file
 from transformers import set_seed
+from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
 from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
 from trl.distributed import DistributedBackend
@@ -21,14 +22,15 @@ from trl.models import unwrap_model_for_generation
 
 from .config import BetterTogetherConfig
 from . import hub
-from .data import check_examples, check_metric, to_examples
+from .console import RunConsole
+from .data import check_examples, check_metric, to_examples, warn_shared_examples
 from .engine import (
     LM_PREFIX, EngineStats, GenerationBackend, TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint,
 )
 from .models import resolve_model_name_or_path
-from .prompt_step import default_prompt_optimizer, optimize_prompts
+from .prompt_step import default_prompt_optimizer, expected_program_calls, optimize_prompts
 from .ranks import Ranks
-from .results import RunState, StepResult, results_markdown, write_results
+from .results import RunState, StepResult, write_results
 from .runner import ProgramRunner, RunSummary, configured_adapter, program_adapter, served_program
 from .strategy import PROMPT_STEP, WEIGHT_STEP
 from .vllm_backend import VLLMBackend
@@ -78,12 +80,16 @@ class BetterTogetherTrainer(SFTTrainer):
         valset = to_examples(valset, args.input_columns, "valset")
         check_examples(program, trainset, "trainset")
         check_examples(program, valset, "valset")
+        warn_shared_examples(trainset, valset)
         if "train_dataset" in kwargs:
             raise TypeError("train_dataset is built by each w step from the program's traces; pass trainset instead")
 
         if model is None or isinstance(model, str):
             model = resolve_model_name_or_path(model)
-        super().__init__(model=model, args=args, train_dataset=datasets.Dataset.from_list([FORMAT_ROW]), **kwargs)
+        # What the run prints (bt_trl/console.py); loading the model and preparing the datasets already log to run.log.
+        self.console = RunConsole.for_trainer(args)
+        with self.console.session():
+            super().__init__(model=model, args=args, train_dataset=datasets.Dataset.from_list([FORMAT_ROW]), **kwargs)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.accelerator.num_processes == 1:
             # Without a GPU, accelerate gives each process a world of its own: N copies of the whole job.
@@ -95,6 +101,11 @@ class BetterTogetherTrainer(SFTTrainer):
             raise ValueError("FSDP version 2 is not supported: generation needs the full parameters materialized "
                              "once per step (FSDP version 1, as in accelerate_configs/fsdp.yaml, or DeepSpeed ZeRO-3)")
 
+        # The program's calls and the metric's verdicts feed the progress display; the w steps' fine-tuning reports
+        # to it instead of transformers' progress bar.
+        self.console.replace_progress_callbacks(self.callback_handler)
+        self._log_tensorboard_to_output_dir()
+        metric = self.console.counting_passes(metric, args.metric_threshold)
         self.student = program.deepcopy()
         self.student.set_lm(None)
         self.trainset, self.valset, self.metric = trainset, valset, metric
@@ -120,26 +131,27 @@ class BetterTogetherTrainer(SFTTrainer):
         """Runs the strategy: score the initial program, then each `p`/`w` step in turn, each scored on the valset and
         saved; ends on the best step. `resume_from_checkpoint` (True or an output folder) continues an interrupted run
         after its last completed step."""
-        state = self._resume(resume_from_checkpoint) if resume_from_checkpoint else self._start()
-        for index, kind in enumerate(self.args.steps, start=1):
-            if index < len(state.steps):
-                continue  # completed before the interruption
-            set_seed(self.args.seed + index)
-            started = self._begin_step()
-            if kind == PROMPT_STEP:
-                # p after p bootstraps with the current program as teacher; otherwise (first step, or after a w step)
-                # it optimizes the original program's prompts on the current weights, as in the paper.
-                teacher = self.program if state.steps[-1].kind == PROMPT_STEP else None
-                self.program = self.optimize_program_prompts(teacher)
-                result = self._finish_step(index, kind, started, state)
-            else:
-                traces = self.collect_traces(self.program)
-                self._save_dataset(traces, index)
-                loss = self.finetune_weights(traces, index)
-                result = self._finish_step(index, kind, started, state, traces, loss)
-            state.steps.append(result)
-            self._checkpoint(state)
-        return self._end(state)
+        with self.console.session():
+            state = self._resume(resume_from_checkpoint) if resume_from_checkpoint else self._start()
+            for index, kind in enumerate(self.args.steps, start=1):
+                if index < len(state.steps):
+                    continue  # completed before the interruption
+                set_seed(self.args.seed + index)
+                started = self._begin_step(index, kind)
+                if kind == PROMPT_STEP:
+                    # p after p bootstraps with the current program as teacher; otherwise (first step, or after a w
+                    # step) it optimizes the original program's prompts on the current weights, as in the paper.
+                    teacher = self.program if state.steps[-1].kind == PROMPT_STEP else None
+                    self.program = self.optimize_program_prompts(teacher)
+                    result = self._finish_step(index, kind, started, state)
+                else:
+                    traces = self.collect_traces(self.program)
+                    self._save_dataset(traces, index)
+                    loss = self.finetune_weights(traces, index)
+                    result = self._finish_step(index, kind, started, state, traces, loss)
+                state.steps.append(result)
+                self._checkpoint(state)
+            return self._end(state)
 
     def optimize_program_prompts(self, teacher: dspy.Module | None) -> dspy.Module:
         """The p step: the prompt optimizer compiles the original program on the current weights. A DSPy optimizer
@@ -202,8 +214,11 @@ class BetterTogetherTrainer(SFTTrainer):
     def evaluate_program(self, examples, program: dspy.Module | None = None) -> RunSummary:
         """Scores `program` (default: `trainer.program`) on `examples` with the current weights."""
         examples = to_examples(examples, self.args.input_columns, "examples")
-        with self.serving() as lm:
-            return self.runner.evaluate(program or self.program, examples, lm)
+        with self.console.session(), self.serving() as lm:
+            self.console.begin("evaluation", len(examples))
+            summary = self.runner.evaluate(program or self.program, examples, lm)
+            self.console.end()
+        return summary
 
     # ------------------------------------------------------------------------------------------------------------
     # Serving the live model to DSPy
@@ -267,14 +282,25 @@ class BetterTogetherTrainer(SFTTrainer):
     # Step bookkeeping: scoring, artifacts, logging, resume
     # ------------------------------------------------------------------------------------------------------------
 
-    def _begin_step(self) -> float:
+    def _begin_step(self, index: int, kind: str) -> float:
         self._step_stats = EngineStats()
+        self.console.begin(f"step {index}/{len(self.args.steps)} {kind}", self._expected_program_calls(kind))
         return time.perf_counter()
+
+    def _expected_program_calls(self, kind: str) -> int | None:
+        """At most how many program calls a step of `kind` makes, its valset scoring included (None: unknown)."""
+        if kind == PROMPT_STEP:
+            optimizer_calls = expected_program_calls(self.prompt_optimizer, len(self.trainset), len(self.valset))
+            return None if optimizer_calls is None else optimizer_calls + len(self.valset)
+        if kind == WEIGHT_STEP:
+            return len(self.trainset) * self.args.trace_rounds + len(self.valset)
+        return len(self.valset)
 
     def _start(self) -> RunState:
         self.program = self.student.deepcopy()
         self.run_state = state = RunState(self.args.steps)
-        started = self._begin_step()
+        self.console.start_run(self.args.strategy, len(self.trainset), len(self.valset), resumed_after=None)
+        started = self._begin_step(0, "vanilla")
         state.steps.append(self._finish_step(0, "vanilla", started, state))
         self._checkpoint(state)
         return state
@@ -313,13 +339,20 @@ class BetterTogetherTrainer(SFTTrainer):
             self.program.save(str(step_dir / PROGRAM_FILE))
         if new_weights:
             self.save_model(str(step_dir))
-        self.log({f"bettertogether/{k}": v for k, v in {
-            "step": index, "val_score": result.val_score, "traces_kept": result.traces_kept,
-            "traces_total": result.traces_total, "pass_rate": result.pass_rate,
-            "completion_tokens": result.completion_tokens, "program_calls": result.program_calls,
-            "step_seconds": result.seconds,
-        }.items() if v is not None})
+        # Logged against the BetterTogether step (TensorBoard's x axis, log_history's "step"), not the SFT step counter,
+        # which every w step restarts.
+        global_step, self.state.global_step = self.state.global_step, index
+        try:
+            self.log({f"bettertogether/{k}": v for k, v in {
+                "step": index, "val_score": result.val_score, "traces_kept": result.traces_kept,
+                "traces_total": result.traces_total, "pass_rate": result.pass_rate,
+                "completion_tokens": result.completion_tokens, "program_calls": result.program_calls,
+                "step_seconds": result.seconds,
+            }.items() if v is not None})
+        finally:
+            self.state.global_step = global_step
         logger.info("BetterTogether step %d (%s): val score %.1f", index, kind, result.val_score)
+        self.console.end_step(result)
         return result
 
     def _checkpoint(self, state: RunState) -> None:
@@ -347,6 +380,7 @@ class BetterTogetherTrainer(SFTTrainer):
         self.program = self._load_program(Path(folder) / last.name / PROGRAM_FILE)
         self.run_state = state
         logger.info("Resuming after step %d (%s) of %s", last.index, last.kind, folder)
+        self.console.start_run(self.args.strategy, len(self.trainset), len(self.valset), resumed_after=last.index)
         return state
 
     def _end(self, state: RunState) -> TrainOutput:
@@ -358,8 +392,7 @@ class BetterTogetherTrainer(SFTTrainer):
             program.save(str(Path(self.args.output_dir) / PROGRAM_FILE))
             self._run_metadata().save(self.args.output_dir)  # how load_program serves the program as the steps did
             write_results(state, self.args.output_dir)
-            print(f"BetterTogether {self.args.strategy}: best step {best.index} ({best.kind})\n"
-                  f"{results_markdown(state)}")
+            self.console.finish(state, self.args.output_dir)
         self.program = self.bind_program(program)
         if self.args.push_to_hub:
             self.push_to_hub()
@@ -408,6 +441,15 @@ class BetterTogetherTrainer(SFTTrainer):
             if unexpected or set(missing) - tied:
                 raise RuntimeError(f"weights in {folder} do not match the model: missing {missing}, "
                                    f"unexpected {unexpected}")
+
+    def _log_tensorboard_to_output_dir(self) -> None:
+        """With `report_to=["tensorboard"]`: event files in `output_dir/runs/<date>_<host>` from the first log on.
+        transformers picks that folder at the first `on_train_begin`, which here is the first w step's, with
+        `output_dir` set to the step's folder; the steps logged before it would write to `./runs` of the working
+        directory."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
 
     @staticmethod
     def _step_dir_name(index: int, kind: str) -> str:

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python scripts/train.py --config recipes/iris_quick.yaml "$@"
+# `bt-trl train`, run through the interpreter: a console script just installed may not be on PATH yet (pyenv shims)
+python -m bt_trl.cli train --config recipes/iris_quick.yaml "$@"

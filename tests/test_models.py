@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,7 @@ from trl import ModelConfig
 from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, resolve_model_name_or_path
 from bt_trl import hub, install, models
 from bt_trl.models import EMBEDDED_MODELS, EmbeddedModel, Part, embedded_model_path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import train  # noqa: E402  (scripts/ is not a package)
+from bt_trl.cli import train
 
 
 def make_part_packages(root: Path, chunks: list[bytes], stem: str = "bt_trl_fake_part") -> tuple[Part, ...]:
@@ -77,7 +74,7 @@ def test_unknown_name_fails_before_anything_loads(tmp_path):
         resolve_model_name_or_path("embedded:qwen-7b")
     with pytest.raises(ValueError, match="unknown embedded model 'qwen-7b'"):
         install.main(["qwen-7b"])  # before pip runs
-    # scripts/train.py checks the name before the data: this data path does not exist, and it is not what fails.
+    # bt-trl train checks the name before the data: this data path does not exist, and it is not what fails.
     task_args = train.TaskArguments(task="gsm8k", data_path=str(tmp_path / "no_such_data"))
     with pytest.raises(ValueError, match="unknown embedded model 'embedded:qwen-7b'"):
         train.main(task_args, BetterTogetherConfig(str(tmp_path)), ModelConfig(model_name_or_path="embedded:qwen-7b"))

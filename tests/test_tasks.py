@@ -1,7 +1,6 @@
-"""The paper's GSM8K and HotPotQA tasks on the shared data, the retrievers, and scripts/reproduce.py on a real grid."""
+"""The paper's GSM8K and HotPotQA tasks on the shared data, the retrievers, and `bt-trl reproduce` on a real grid."""
 
 import json
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,10 +17,8 @@ from bt_trl.engine import GenerationSettings, TransformersBackend, serving_lm
 from bt_trl.runner import ProgramRunner
 from bt_trl.tasks import gsm8k, hotpotqa, load_task
 from bt_trl.tasks.retrieval import BM25Retriever
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import reproduce  # noqa: E402
-from train import TaskArguments  # noqa: E402
+from bt_trl.cli import reproduce
+from bt_trl.cli.train import TaskArguments
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K_DIR = DATA / "gsm8k"
@@ -249,7 +246,7 @@ def test_hotpotqa_program_end_to_end_on_a_tiny_model(tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# scripts/reproduce.py
+# bt-trl reproduce
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_reproduce_grid_writes_results_and_resumes(format_model, tokenizer, tmp_path):

@@ -111,7 +111,7 @@ def test_trace_rounds_rerun_only_failed_examples_past_the_cache(format_model, to
     setosa = sum(example.petal_length < 2.5 for example in trainer.trainset)
     assert 0 < setosa < len(trainer.trainset)
 
-    trainer._begin_step()
+    trainer._begin_step(1, "w")
     traces = trainer.collect_traces(trainer.student)
     # Round 1 runs all 10 examples; rounds 2 and 3 rerun the failing ones, each call generated anew (a cached answer
     # would not reach the engine).

@@ -1,0 +1,42 @@
+"""`bt-trl`: the command line, in the style of TRL's `trl sft`.
+
+    bt-trl train --config recipes/iris_quick.yaml [--flag value ...]
+    bt-trl reproduce --config recipes/iris_quick.yaml --output_dir out/reproduce_iris [--strategies ...] [--seeds ...]
+    bt-trl evaluate out/iris_quick --task iris --split test
+
+Every subcommand reads a YAML recipe (`--config`) and flags with TRL's `TrlParser`; flags override the recipe. Under
+`accelerate launch`, run the module: `accelerate launch --config_file X.yaml -m bt_trl.cli train --config ...`.
+"""
+
+from __future__ import annotations
+
+import sys
+from argparse import ArgumentParser
+
+COMMANDS = {
+    "train": "run a BetterTogether strategy on a task, then score the best program on its test set",
+    "reproduce": "run strategies x seeds on one task and write RESULTS.md / RESULTS.png",
+    "evaluate": "score a trained program (a run folder or a Hub id) on a task split",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = ArgumentParser(prog="bt-trl", description="BetterTogether on TRL: prompt + weight optimization of DSPy "
+                                                       "programs.")
+    subparsers = parser.add_subparsers(dest="command", metavar="command")
+    for name, help_text in COMMANDS.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)  # each command parses its own flags
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] not in COMMANDS:
+        parser.parse_args(argv[:1])  # exits, naming the valid commands
+    name, rest = argv[0], argv[1:]
+    if name == "train":
+        from .train import run
+    elif name == "reproduce":
+        from .reproduce import run
+    else:
+        from .evaluate import run
+    return run(rest, prog=f"bt-trl {name}")

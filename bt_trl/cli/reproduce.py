@@ -1,0 +1,268 @@
+"""`bt-trl reproduce`: the paper's table for your task and model: every strategy × seed, each run in its own folder,
+summarized in `RESULTS.md` (mean ± std test score per strategy, per-step times, traces kept) and `RESULTS.png`.
+
+    bt-trl reproduce --task iris --output_dir out/reproduce_iris --config recipes/iris_quick.yaml
+    bt-trl reproduce --task hotpotqa --data_path ../shared/data/hotpotqa --retriever bm25 \\
+        --train_size 50 --val_size 50 --test_size 100 --strategies vanilla p "p -> w -> p" --seeds 0 1 2 \\
+        --output_dir out/reproduce_hotpotqa --use_cpu --use_peft --lora_target_modules all-linear
+
+Every flag of `bt-trl train` applies to every run. Runs go to `<output_dir>/<strategy>/seed_<seed>`; a run with a
+`summary.json` is finished and skipped, an interrupted one is resumed after its last completed step, so the grid
+can be stopped and started again. A run that fails is reported and the grid goes on.
+
+`vanilla` runs no step: the initial program with the initial weights, scored on the test set (the same program every
+other run scores on the valset as its step 0). The seed is `BetterTogetherConfig.seed` (demo sampling, LoRA init,
+data order); the train/val/test split is the same for every run (`--split_seed`), so strategies are compared on the
+same test examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, TrlParser
+
+from ..config import BetterTogetherConfig
+from ..models import EMBEDDED_MODEL, check_model_name_or_path
+from ..results import RunState, StepResult
+from ..strategy import parse_strategy
+from ..tasks import Task
+from ..trainer import BetterTogetherTrainer
+from .train import SUMMARY_FILE, TaskArguments, build_trainer, train_and_test
+
+VANILLA = "vanilla"
+STRATEGIES = (VANILLA, "p", "w", "p -> w", "w -> p", "p -> w -> p")
+RESULTS_FILE = "RESULTS.md"
+PLOT_FILE = "RESULTS.png"
+
+
+@dataclass
+class GridArguments:
+    strategies: list[str] = field(
+        default_factory=lambda: list(STRATEGIES),
+        metadata={"help": f"Strategies to run ('{VANILLA}' = no step, the initial program)."},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds, one run per strategy."})
+
+    def __post_init__(self):
+        for strategy in self.strategies:
+            if strategy != VANILLA:
+                parse_strategy(strategy)  # raises, naming the bad step, before any run starts
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(strategy, seed) for strategy in self.strategies for seed in self.seeds]
+
+
+@dataclass
+class RunRecord:
+    """One finished run: its summary and, except for vanilla, the steps it ran."""
+
+    strategy: str
+    seed: int
+    folder: Path
+    test_score: float
+    wall_seconds: float
+    steps: list[StepResult] = field(default_factory=list)
+
+    @property
+    def best_step(self) -> StepResult | None:
+        return RunState([], self.steps).best() if self.steps else None
+
+
+def run_folder(root: str | Path, strategy: str, seed: int) -> Path:
+    """`p -> w -> p`, seed 1 → `<root>/p-w-p/seed_1`."""
+    name = VANILLA if strategy == VANILLA else "-".join(parse_strategy(strategy))
+    return Path(root) / name / f"seed_{seed}"
+
+
+def load_record(root: str | Path, strategy: str, seed: int) -> RunRecord | None:
+    """The run's record if it finished (its summary.json exists), else None."""
+    folder = run_folder(root, strategy, seed)
+    summary_path = folder / SUMMARY_FILE
+    if not summary_path.exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    state = RunState.load(folder)
+    return RunRecord(strategy, seed, folder, summary["test_score"], summary["wall_seconds"],
+                     state.steps if state else [])
+
+
+def score_vanilla(trainer: BetterTogetherTrainer, task: Task) -> dict:
+    """The initial program with the initial weights on the test set; writes summary.json like a trained run."""
+    started = time.perf_counter()
+    test_score = trainer.evaluate_program(task.test, task.program()).score
+    summary = {"task": task.name, "strategy": VANILLA, "test_score": test_score,
+               "wall_seconds": round(time.perf_counter() - started, 1)}
+    Path(trainer.args.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(trainer.args.output_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_one(task: Task, args: BetterTogetherConfig, model_args: ModelConfig, strategy: str, seed: int) -> None:
+    folder = run_folder(args.output_dir, strategy, seed)
+    resume = str(folder) if RunState.load(folder) is not None else None
+    run_args = dataclasses.replace(args, output_dir=str(folder), seed=seed, resume_from_checkpoint=resume,
+                                   strategy=args.strategy if strategy == VANILLA else strategy)
+    trainer = build_trainer(task, run_args, model_args)
+    try:
+        score_vanilla(trainer, task) if strategy == VANILLA else train_and_test(trainer, task)
+    finally:
+        if trainer.program is not None:
+            # The trained program is bound to an LM whose generation worker (a daemon thread) holds the model;
+            # stopping it lets this run's model be freed before the next run loads its own.
+            for predictor in trainer.program.predictors():
+                predictor.lm.engine.close()
+        del trainer
+        gc.collect()
+
+
+def run_grid(grid: GridArguments, task: Task, args: BetterTogetherConfig, model_args: ModelConfig,
+             header: str) -> tuple[list[RunRecord], dict[tuple[str, int], str]]:
+    """Runs what is not finished yet, printing progress; rewrites RESULTS.md and RESULTS.png after every run.
+    Returns the finished runs and the error of each run that failed in this call."""
+    runs = grid.runs()
+    failures: dict[tuple[str, int], str] = {}
+    started = time.perf_counter()
+    ran = 0
+    for position, (strategy, seed) in enumerate(runs, start=1):
+        label = f"[{position}/{len(runs)}] {strategy!r} seed {seed}"
+        done = load_record(args.output_dir, strategy, seed)
+        if done is not None:
+            print(f"{label}: finished before (test score {done.test_score:.1f}), skipped", flush=True)
+            continue
+        print(f"{label}: running in {run_folder(args.output_dir, strategy, seed)}", flush=True)
+        try:
+            run_one(task, args, model_args, strategy, seed)
+        except Exception as exc:  # one failed run must not cost the others; it is reported and can be rerun
+            failures[(strategy, seed)] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        ran += 1
+        elapsed = time.perf_counter() - started
+        left = sum(load_record(args.output_dir, s, k) is None and (s, k) not in failures for s, k in runs)
+        record = load_record(args.output_dir, strategy, seed)
+        outcome = f"test score {record.test_score:.1f}" if record else f"FAILED ({failures[(strategy, seed)]})"
+        print(f"{label}: {outcome}; {elapsed / 60:.1f} min so far, about {elapsed / ran * left / 60:.0f} min left "
+              f"for {left} run(s)", flush=True)
+        write_report(args.output_dir, grid, header, failures)
+    return write_report(args.output_dir, grid, header, failures), failures
+
+
+def write_report(root: str | Path, grid: GridArguments, header: str,
+                 failures: dict[tuple[str, int], str]) -> list[RunRecord]:
+    records = [r for strategy, seed in grid.runs() if (r := load_record(root, strategy, seed)) is not None]
+    Path(root).mkdir(parents=True, exist_ok=True)
+    Path(root, RESULTS_FILE).write_text(results_markdown(records, grid, header, failures))
+    if records:
+        plot(records, grid, Path(root, PLOT_FILE), header.splitlines()[0].lstrip("# "))
+    return records
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _by_strategy(records: list[RunRecord], grid: GridArguments) -> dict[str, list[RunRecord]]:
+    return {s: [r for r in records if r.strategy == s] for s in grid.strategies if any(r.strategy == s
+                                                                                        for r in records)}
+
+
+def results_markdown(records: list[RunRecord], grid: GridArguments, header: str,
+                     failures: dict[tuple[str, int], str]) -> str:
+    lines = [header, "", f"{PLOT_FILE}: mean test score per strategy (bars), one dot per seed, error bars = std.", "",
+             "## Test score per strategy", "",
+             f"Mean ± sample standard deviation over the finished seeds (of {len(grid.seeds)}: "
+             f"{', '.join(map(str, grid.seeds))}). Best step: the step whose program and weights were kept (by "
+             "valset score).", "",
+             "| strategy | test score | seeds | val score of the kept step | wall time per run (s) |",
+             "|---|---:|---:|---:|---:|"]
+    for strategy, runs in _by_strategy(records, grid).items():
+        mean, std = mean_std([r.test_score for r in runs])
+        best_val = [r.best_step.val_score for r in runs if r.best_step]
+        val = "{:.1f} ± {:.1f}".format(*mean_std(best_val)) if best_val else ""
+        lines.append(f"| {strategy} | {mean:.1f} ± {std:.1f} | {len(runs)} | {val} "
+                     f"| {statistics.fmean(r.wall_seconds for r in runs):.0f} |")
+    lines += ["", "## Steps", "", "Mean over seeds. Seconds include the step's valset scoring; traces kept / total "
+              "are the w step's passing program runs on the trainset.", "",
+              "| strategy | step | val score | seconds | traces kept / total |", "|---|---|---:|---:|---:|"]
+    for strategy, runs in _by_strategy(records, grid).items():
+        for index in range(max((len(r.steps) for r in runs), default=0)):
+            steps = [r.steps[index] for r in runs if index < len(r.steps)]
+            traces = [s for s in steps if s.traces_total is not None]
+            kept = (f"{statistics.fmean(s.traces_kept for s in traces):.1f} / "
+                    f"{statistics.fmean(s.traces_total for s in traces):.0f}") if traces else ""
+            val = statistics.fmean(s.val_score for s in steps)
+            lines.append(f"| {strategy} | {index} ({steps[0].kind}) | {val:.1f} "
+                         f"| {statistics.fmean(s.seconds for s in steps):.1f} | {kept} |")
+    lines += ["", "## Runs", "", "| strategy | seed | test score | best step | wall time (s) | folder |",
+              "|---|---:|---:|---|---:|---|"]
+    for r in records:
+        best = f"{r.best_step.index} ({r.best_step.kind})" if r.best_step else ""
+        lines.append(f"| {r.strategy} | {r.seed} | {r.test_score:.1f} | {best} | {r.wall_seconds:.0f} "
+                     f"| {r.folder.parent.name}/{r.folder.name} |")
+    if failures:
+        lines += ["", "## Failed runs (rerun the same command to retry them)", "", "| strategy | seed | error |",
+                  "|---|---:|---|"]
+        lines += [f"| {s} | {k} | {error.splitlines()[0]} |" for (s, k), error in failures.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[RunRecord], grid: GridArguments, path: Path, title: str) -> None:
+    from matplotlib.figure import Figure  # no pyplot: files only, no backend or global state changed
+
+    groups = _by_strategy(records, grid)
+    fig = Figure(figsize=(1.4 * len(groups) + 2, 4))
+    ax = fig.add_subplot()
+    for x, runs in enumerate(groups.values()):
+        scores = [r.test_score for r in runs]
+        mean, std = mean_std(scores)
+        ax.bar(x, mean, yerr=std, capsize=4, color="tab:blue", alpha=0.6)
+        ax.scatter([x] * len(scores), scores, color="black", s=12, zorder=3)
+    ax.set_xticks(range(len(groups)), list(groups), rotation=20)
+    ax.set_ylabel("test score")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def grid_header(task_args: TaskArguments, args: BetterTogetherConfig, model_args: ModelConfig) -> str:
+    model = model_args.model_name_or_path or EMBEDDED_MODEL
+    lora = f"LoRA r={model_args.lora_r}" if model_args.use_peft else "full fine-tuning"
+    return "\n".join([
+        f"# BetterTogether strategies: {task_args.task}, {model}", "",
+        f"train / val / test: {task_args.train_size} / {task_args.val_size} / {task_args.test_size} examples "
+        f"(split seed {task_args.split_seed}); data: {task_args.data_path or 'the task default'}"
+        + (f"; retriever: {task_args.retriever}" if task_args.retriever else ""),
+        f"p step: {args.max_bootstrapped_demos} bootstrapped + {args.max_labeled_demos} labeled demos, "
+        f"{args.num_candidate_programs} random candidates; w step: {lora}, learning rate {args.learning_rate}, "
+        f"{args.num_train_epochs} epoch(s), w_step_init={args.w_step_init}; generation: "
+        f"{args.generation_max_tokens} new tokens, temperature {args.generation_temperature}.",
+    ])
+
+
+def main(grid: GridArguments, task_args: TaskArguments, args: BetterTogetherConfig, model_args: ModelConfig):
+    check_model_name_or_path(model_args.model_name_or_path)  # before the data, and before any run is started
+    task = task_args.load()  # data and retriever problems surface here, before any model is loaded
+    return run_grid(grid, task, args, model_args, grid_header(task_args, args, model_args))
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    return TrlParser((GridArguments, TaskArguments, BetterTogetherConfig, ModelConfig), prog=prog)
+
+
+def run(argv: list[str], prog: str = "bt-trl reproduce") -> int:
+    grid_args, task_args, bt_args, model_args = make_parser(prog).parse_args_and_config(argv)
+    records, failures = main(grid_args, task_args, bt_args, model_args)
+    print(f"{len(records)} run(s) finished, {len(failures)} failed; {RESULTS_FILE} and {PLOT_FILE} are in "
+          f"{bt_args.output_dir}")
+    return 1 if failures else 0
