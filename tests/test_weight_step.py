@@ -1,5 +1,7 @@
 """Trace collection and trace → SFT dataset, with real generation from the tiny format model."""
 
+import dataclasses
+
 import dspy
 import pytest
 from conftest import TwoStepIris, tiny_model
@@ -12,8 +14,8 @@ from bt_trl.weight_step import traces_to_dataset
 SETTINGS = GenerationSettings(max_tokens=48, max_batch_size=8)
 
 
-def collect(model, tokenizer, program, metric, examples, name):
-    with serving_lm(TransformersBackend(model.eval(), tokenizer), name, SETTINGS) as lm:
+def collect(model, tokenizer, program, metric, examples, name, settings=SETTINGS):
+    with serving_lm(TransformersBackend(model.eval(), tokenizer), name, settings) as lm:
         lm.cache = False
         return ProgramRunner(metric, num_threads=8).run(program, examples, lm, with_trace=True)
 
@@ -69,9 +71,11 @@ def test_failures_are_counted_and_excluded(format_model, tokenizer):
     assert data.summary.metric_errors == 3
     assert data.kept == 9 and len(data.dataset) == 9
 
-    # An untrained tiny model answers noise: every output is unparseable, counted, and nothing crashes.
+    # An untrained tiny model answers noise: generated unconstrained, every output is unparseable, counted, and
+    # nothing crashes (with structured generation, the default, the same noise parses).
     noise = tiny_model(tokenizer, seed=1)
-    calls = collect(noise, tokenizer, iris.program(), always, train[:4], "noise")
+    unconstrained = dataclasses.replace(SETTINGS, structured=False)
+    calls = collect(noise, tokenizer, iris.program(), always, train[:4], "noise", unconstrained)
     data = traces_to_dataset(calls)
     assert data.summary.parse_failures == 4
     assert data.kept == 0 and len(data.dataset) == 0
