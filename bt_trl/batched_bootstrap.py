@@ -32,7 +32,9 @@ import dspy
 from dspy.teleprompt import BootstrapFewShot
 from dspy.utils.parallelizer import ParallelExecutor
 
-logger = logging.getLogger(__name__)
+# DSPy's own bootstrapping logger: the failures it reports are DSPy's messages, routed (bt_trl/console.py: to run.log)
+# as DSPy's are.
+logger = logging.getLogger(BootstrapFewShot.__module__)
 
 
 @dataclass
