@@ -19,6 +19,7 @@ import copy
 import hashlib
 import queue
 import threading
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -225,6 +226,13 @@ def _eos_token_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+class _Stop:
+    """Tells the worker thread `worker` to stop (`BatchingEngine.close`)."""
+
+    def __init__(self, worker: threading.Thread):
+        self.worker = worker
+
+
 @dataclass
 class _Pending:
     messages: list[dict]
@@ -324,7 +332,9 @@ class BatchingEngine:
         with self._lock:
             worker, self._worker = self._worker, None
         if worker is not None:
-            self._queue.put(None)
+            # Addressed to this worker: a request arriving meanwhile (a straggler thread DSPy's Evaluate left running)
+            # starts a new worker on the same queue, which must not take this one's stop signal.
+            self._queue.put(_Stop(worker))
             worker.join()
 
     def _ensure_worker(self) -> None:
@@ -335,10 +345,14 @@ class BatchingEngine:
 
     def _next_batch(self) -> list[_Pending] | None:
         waiting = self._waiting
-        if not waiting:
+        while not waiting:
             first = self._queue.get()
-            if first is None:
-                return None
+            if isinstance(first, _Stop):
+                if first.worker is threading.current_thread():
+                    return None
+                self._queue.put(first)  # another worker's: leave it to that one
+                time.sleep(self.batch_wait)
+                continue
             waiting.append(first)
         while len(waiting) < self.max_waiting:
             try:
@@ -347,8 +361,8 @@ class BatchingEngine:
                 item = self._queue.get(timeout=self.batch_wait)
             except queue.Empty:
                 break
-            if item is None:  # shutting down: serve what is waiting, then stop
-                self._queue.put(None)
+            if isinstance(item, _Stop):  # shutting down (this worker or another): serve what is waiting first
+                self._queue.put(item)
                 break
             waiting.append(item)
         prefix = _prompt_prefix(waiting[0])
