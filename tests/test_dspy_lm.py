@@ -39,13 +39,18 @@ def answers(lm, questions=PROBES):
     return [qa(question=q).answer for q in questions]
 
 
-def test_bootstrap_finetune_serves_the_finetuned_weights(model_dir, tmp_path, structured):
+def finetuned_iris(model_dir, tmp_path):
+    """The bt_trl LM, and Iris compiled by DSPy's BootstrapFinetune through its provider (8 flowers); 4 val flowers."""
     lm = bt_trl.lm(model_dir, max_tokens=48, output_dir=str(tmp_path / "versions"), train_kwargs=TRAIN_KWARGS)
     program = iris.program()
     program.set_lm(lm)
     train, val, _ = iris.load_splits(0, (8, 4, 0))
-
     compiled = dspy.BootstrapFinetune(metric=iris.metric, num_threads=8).compile(program, trainset=train)
+    return lm, compiled, val
+
+
+def test_bootstrap_finetune_serves_the_finetuned_weights(model_dir, tmp_path, structured):
+    lm, compiled, val = finetuned_iris(model_dir, tmp_path)
 
     finetuned = compiled.predictors()[0].lm
     assert finetuned.engine is lm.engine and finetuned.provider.finetunable
@@ -69,11 +74,7 @@ def test_bootstrap_finetune_serves_the_finetuned_weights(model_dir, tmp_path, st
 
 
 def test_save_and_load_round_trip(model_dir, tmp_path, structured):
-    lm = bt_trl.lm(model_dir, max_tokens=48, output_dir=str(tmp_path / "versions"), train_kwargs=TRAIN_KWARGS)
-    program = iris.program()
-    program.set_lm(lm)
-    train, val, _ = iris.load_splits(0, (8, 4, 0))
-    compiled = dspy.BootstrapFinetune(metric=iris.metric, num_threads=8).compile(program, trainset=train)
+    lm, compiled, val = finetuned_iris(model_dir, tmp_path)
     path = tmp_path / "program.json"
     compiled.save(str(path))
     saved = json.loads(path.read_text())["predict"]["lm"]

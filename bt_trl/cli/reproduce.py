@@ -2,7 +2,7 @@
 summarized in `RESULTS.md` (mean ± std test score per strategy, per-step times, traces kept) and `RESULTS.png`.
 
     bt-trl reproduce --task iris --output_dir out/reproduce_iris --config recipes/iris_quick.yaml
-    bt-trl reproduce --task hotpotqa --data_path ../shared/data/hotpotqa --retriever bm25 \\
+    bt-trl reproduce --task hotpotqa --data_path path/to/hotpotqa --retriever bm25 \\
         --train_size 50 --val_size 50 --test_size 100 --strategies vanilla p "p -> w -> p" --seeds 0 1 2 \\
         --output_dir out/reproduce_hotpotqa --use_cpu --use_peft --lora_target_modules all-linear
 
