@@ -287,6 +287,42 @@ def test_reproduce_grid_writes_results_and_resumes(format_model, tokenizer, tmp_
     assert (tmp_path / "grid" / "RESULTS.md").read_text() == results
 
 
+def test_reproduce_grid_starts_a_run_from_its_finished_prefix(format_model, tokenizer, tmp_path):
+    """`w -> w` after `w` copies the `w` run's step and runs only its second w step; the result equals the same run
+    made from scratch in a grid of its own."""
+    model_dir = tmp_path / "tiny-format-model"
+    format_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    task_args = TaskArguments(task="iris", train_size=6, val_size=4, test_size=4)
+    model_args = ModelConfig(model_name_or_path=str(model_dir), use_peft=True, lora_r=8,
+                             lora_target_modules=["q_proj", "v_proj"])
+
+    def grid(strategies: list[str], root: str) -> list[reproduce.RunRecord]:
+        args = BetterTogetherConfig(
+            str(tmp_path / root), report_to="none", generation_max_tokens=48, num_train_epochs=1,
+            per_device_train_batch_size=4, learning_rate=1e-3, save_strategy="no", max_length=1024, use_cpu=True,
+        )
+        records, failures = reproduce.main(reproduce.GridArguments(strategies=strategies, seeds=[0]), task_args, args,
+                                           model_args)
+        assert not failures
+        return records
+
+    prefix, extended = grid(["w", "w -> w"], "shared")
+    (alone,) = grid(["w -> w"], "alone")
+
+    summary = json.loads((extended.folder / "summary.json").read_text())
+    assert summary["started_from"] == "w/seed_0" and "started_from" not in json.loads(
+        (alone.folder / "summary.json").read_text())
+    assert [s.kind for s in extended.steps] == ["vanilla", "w", "w"]
+    assert extended.steps[1] == prefix.steps[1]  # copied, not rerun: the same record, seconds included
+    assert extended.wall_seconds > sum(s.seconds for s in prefix.steps)
+    for step in (1, 2):
+        name = f"step_{step}_w/sft_dataset.jsonl"
+        assert (extended.folder / name).read_text() == (alone.folder / name).read_text()
+    assert [s.val_score for s in extended.steps] == [s.val_score for s in alone.steps]
+    assert extended.test_score == alone.test_score
+
+
 def test_reproduce_grid_arguments_are_checked():
     with pytest.raises(ValueError, match="unknown step 'x'"):
         reproduce.GridArguments(strategies=["vanilla", "p -> x"])

@@ -10,6 +10,11 @@ Every flag of `bt-trl train` applies to every run. Runs go to `<output_dir>/<str
 `summary.json` is finished and skipped, an interrupted one is resumed after its last completed step, so the grid
 can be stopped and started again. A run that fails is reported and the grid goes on.
 
+A run whose strategy extends a finished run's (`p -> w -> p` after `p -> w`, same seed) starts from a copy of that
+run's steps instead of recomputing them: every step is seeded by the run seed and its index, so the steps it reuses
+are the ones it would have run itself. Its wall time counts the reused steps' seconds; `summary.json` names the run
+it started from.
+
 `vanilla` runs no step: the initial program with the initial weights, scored on the test set (the same program every
 other run scores on the valset as its step 0). The seed is `BetterTogetherConfig.seed` (demo sampling, LoRA init,
 data order); the train/val/test split is the same for every run (`--split_seed`), so strategies are compared on the
@@ -21,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import shutil
 import statistics
 import time
 import traceback
@@ -107,14 +113,38 @@ def score_vanilla(trainer: BetterTogetherTrainer, task: Task) -> dict:
     return summary
 
 
+def longest_finished_prefix(root: str | Path, strategy: str, seed: int) -> RunRecord | None:
+    """The finished run of the same seed whose strategy is the longest proper prefix of `strategy`, if any."""
+    if strategy == VANILLA:
+        return None
+    steps = parse_strategy(strategy)
+    for length in range(len(steps) - 1, 0, -1):
+        record = load_record(root, " -> ".join(steps[:length]), seed)
+        if record is not None:
+            return record
+    return None
+
+
+def start_from_prefix(prefix: RunRecord, folder: Path) -> None:
+    """Copies a finished prefix run's steps into `folder`, to be resumed there; not its summary (this run's is its own)."""
+    shutil.copytree(prefix.folder, folder, ignore=shutil.ignore_patterns(SUMMARY_FILE), dirs_exist_ok=True)
+
+
 def run_one(task: Task, args: BetterTogetherConfig, model_args: ModelConfig, strategy: str, seed: int) -> None:
     folder = run_folder(args.output_dir, strategy, seed)
+    prefix = None
+    if RunState.load(folder) is None and (prefix := longest_finished_prefix(args.output_dir, strategy, seed)):
+        start_from_prefix(prefix, folder)
     resume = str(folder) if RunState.load(folder) is not None else None
     run_args = dataclasses.replace(args, output_dir=str(folder), seed=seed, resume_from_checkpoint=resume,
                                    strategy=args.strategy if strategy == VANILLA else strategy)
     trainer = build_trainer(task, run_args, model_args)
     try:
-        score_vanilla(trainer, task) if strategy == VANILLA else train_and_test(trainer, task)
+        summary = score_vanilla(trainer, task) if strategy == VANILLA else train_and_test(trainer, task)
+        if prefix is not None and summary is not None:
+            summary["wall_seconds"] = round(summary["wall_seconds"] + sum(s.seconds for s in prefix.steps), 1)
+            summary["started_from"] = str(prefix.folder.relative_to(args.output_dir))
+            (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     finally:
         if trainer.program is not None:
             # The trained program is bound to an LM whose generation worker (a daemon thread) holds the model;
