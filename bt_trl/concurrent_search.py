@@ -19,8 +19,10 @@ import sys
 import threading
 from contextlib import contextmanager
 from functools import partial
+from weakref import WeakSet
 
 import dspy
+import tqdm
 from dspy.teleprompt import BootstrapFewShotWithRandomSearch
 from dspy.teleprompt import random_search as dspy_random_search
 from dspy.utils.parallelizer import ParallelExecutor
@@ -52,7 +54,7 @@ class ConcurrentRandomSearch:
             except Exception as exc:  # raised below in seed order, as DSPy's loop would meet it
                 return exc
 
-        with _batched_bootstrapping(self.examples_at_once):
+        with _batched_bootstrapping(self.examples_at_once), _progress_bars_tolerate_concurrent_clears():
             executor = ParallelExecutor(num_threads=len(seeds), max_errors=sys.maxsize, disable_progress_bar=True,
                                         timeout=0)
             per_seed = executor.execute(candidate, seeds)
@@ -83,3 +85,24 @@ def _batched_bootstrapping(examples_at_once: int):
             yield
         finally:
             dspy_random_search.BootstrapFewShot = dspy_class
+
+
+class _DiscardingWeakSet(WeakSet):
+    """tqdm's registry of live bars, where removing a bar that is not there (any more) is not an error."""
+
+    def remove(self, item) -> None:
+        self.discard(item)
+
+
+@contextmanager
+def _progress_bars_tolerate_concurrent_clears():
+    """DSPy empties tqdm's registry of bars, without tqdm's lock, each time an `Evaluate` or `ParallelExecutor` starts
+    (`tqdm.tqdm._instances.clear()`). With the candidates scored concurrently, one thread's clear can fall between
+    another's bar registering itself (`tqdm.__new__`) and removing itself (`tqdm.__init__` of a disabled bar), which
+    then raises KeyError and ends the p step. For the block the registry tolerates that removal."""
+    registry = tqdm.tqdm._instances
+    tqdm.tqdm._instances = _DiscardingWeakSet(registry)
+    try:
+        yield
+    finally:
+        tqdm.tqdm._instances = registry

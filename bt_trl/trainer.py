@@ -188,10 +188,16 @@ class BetterTogetherTrainer(SFTTrainer):
     def finetune_weights(self, traces: TraceDataset, index: int) -> tuple[float, float] | None:
         """One SFT run on the traces (its own output folder, optimizer and LR schedule). Returns the first and last
         logged training loss, or None when there was nothing to train on."""
+        if traces.copied_placeholder:
+            warnings.warn(
+                f"w step {index}: {traces.copied_placeholder} passing run(s) copied DSPy's placeholder for a demo's "
+                "missing field ('Not supplied for this particular example.') and are not trained on",
+                stacklevel=2,
+            )
         if traces.kept == 0:
             warnings.warn(
-                f"w step {index}: no trace passed the metric ({traces.summary.total} tried, "
-                f"{traces.summary.parse_failures} unparseable); the weights are left unchanged",
+                f"w step {index}: no trace to train on ({traces.summary.total} tried, {traces.summary.passed} passed "
+                f"the metric, {traces.summary.parse_failures} unparseable); the weights are left unchanged",
                 stacklevel=2,
             )
             return None
@@ -325,13 +331,14 @@ class BetterTogetherTrainer(SFTTrainer):
         )
         if traces is not None:
             s = traces.summary
-            result.traces_kept, result.traces_total = s.passed, s.total
+            result.traces_kept, result.traces_total = traces.kept, s.total
+            result.copied_placeholder = traces.copied_placeholder
             result.parse_failures, result.metric_errors, result.program_errors = (
                 s.parse_failures, s.metric_errors, s.program_errors
             )
             result.sft_examples = len(traces.dataset)
             if loss is None:
-                result.skipped = "no passing trace: weights unchanged"
+                result.skipped = "no trace to train on: weights unchanged"
             else:
                 result.first_loss, result.last_loss = loss
         if self.is_world_process_zero():

@@ -15,14 +15,28 @@ from .runner import ProgramCall, RunSummary, program_adapter
 FORMAT_ROW = {"prompt": [{"role": "user", "content": "?"}], "completion": [{"role": "assistant", "content": "."}]}
 
 
+# DSPy's adapters write a demo's missing output field (the reasoning of a ChainOfThought's labeled demo: labels have
+# none) as "Not supplied for this particular example."; a small model copies it into its own outputs. Trained on, it
+# becomes the model's output for every input: Qwen2.5-Coder-0.5B on Iris, 10 of 19 passing traces copied it, and the
+# tuned model wrote it, then one species, for 15 of 15 valset flowers (results/iris_qwen05). Such a run is not kept.
+MISSING_FIELD_PLACEHOLDER = "not supplied for this"
+
+
+def copies_placeholder(trace: list) -> bool:
+    """Whether a module call of `trace` wrote DSPy's missing-field placeholder as an output."""
+    return any(str(value).strip().lower().startswith(MISSING_FIELD_PLACEHOLDER)
+               for _, _, outputs in trace for value in dict(outputs).values())
+
+
 @dataclass
 class TraceDataset:
     dataset: datasets.Dataset  # conversational prompt/completion rows
-    summary: RunSummary  # traces kept (passed) / total, parse failures, metric errors, ...
+    summary: RunSummary  # program runs passed / total, parse failures, metric errors, ...
+    copied_placeholder: int = 0  # passing runs left out because they copied DSPy's missing-field placeholder
 
     @property
     def kept(self) -> int:
-        return self.summary.passed
+        return self.summary.passed - self.copied_placeholder
 
 
 def chat_row(messages: list[dict]) -> dict:
@@ -55,7 +69,10 @@ def rows_to_dataset(rows: list[dict]) -> datasets.Dataset:
 
 
 def traces_to_dataset(calls: list[ProgramCall], adapter: dspy.Adapter | None = None) -> TraceDataset:
-    """Pools the module calls of every passing program call into one multitask dataset."""
+    """Pools the module calls of every passing program call into one multitask dataset, leaving out the runs that
+    copied DSPy's missing-field placeholder (`copies_placeholder`)."""
     adapter = adapter or program_adapter()
-    rows = [row for call in calls if call.passed for row in trace_to_rows(call.trace, adapter)]
-    return TraceDataset(rows_to_dataset(rows), RunSummary.of(calls))
+    passed = [call for call in calls if call.passed]
+    kept = [call for call in passed if not copies_placeholder(call.trace)]
+    rows = [row for call in kept for row in trace_to_rows(call.trace, adapter)]
+    return TraceDataset(rows_to_dataset(rows), RunSummary.of(calls), copied_placeholder=len(passed) - len(kept))

@@ -96,10 +96,10 @@ def test_bt_trl_train_prints_a_screenful_and_logs_the_rest(tokenizer, tmp_path):
     for row in ("| 0 | vanilla | 0.0 |", "| 1 | p | 0.0 |", "| 2 | w | 0.0 | 0 / 4 |"):
         assert sum(line.startswith(row) for line in lines) == 2, row
     assert "best step: 0 (vanilla)" in console and "test score: 0.0 (0/4 passing)" in console
-    # Warnings once each: the w step's "no passing trace" warning is shown, once.
+    # Warnings once each: the w step's "no trace to train on" warning is shown, once.
     warned = [line for line in lines if "Warning" in line or line.startswith("warning")]
     assert len(warned) == len(set(warned))
-    assert sum("no trace passed the metric" in line for line in lines) == 1
+    assert sum("no trace to train on" in line for line in lines) == 1
     # No library output on the console: DSPy's optimizer prints and progress bars are in run.log.
     assert not any("Average Metric" in line or "Bootstrapped" in line or "it/s]" in line for line in lines)
 

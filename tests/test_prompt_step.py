@@ -1,10 +1,14 @@
 """The batched p step gives DSPy's results: the same demos, in the same order, as DSPy's sequential
 `BootstrapFewShot`, and the same candidate scores and choice as its sequential random search."""
 
+from weakref import WeakSet
+
 import dspy
 import pytest
 import torch
+import tqdm
 
+from bt_trl import concurrent_search
 from bt_trl.batched_bootstrap import BatchedBootstrapFewShot
 from bt_trl.concurrent_search import ConcurrentRandomSearch
 from bt_trl.engine import GenerationSettings, TransformersBackend, serving_lm
@@ -99,6 +103,22 @@ def test_concurrent_random_search_scores_and_chooses_as_dspy(format_model, token
     assert candidates(chosen) == candidates(expected)
     assert demos(chosen) == demos(expected)
     assert chosen.dump_state() == expected.dump_state()
+
+
+def test_concurrent_search_survives_dspy_clearing_progress_bars_between_threads():
+    """The interleaving that ended a demo run's p step: DSPy's `Evaluate` in one candidate's thread clears tqdm's
+    registry while another thread's disabled bar is between `__new__` (registers) and `__init__` (unregisters)."""
+
+    def interleaved() -> None:
+        bar = tqdm.tqdm.__new__(tqdm.tqdm)
+        tqdm.tqdm._instances.clear()  # what dspy's Evaluate.__call__ / ParallelExecutor.execute do first
+        bar.__init__(total=1, disable=True)
+
+    with pytest.raises(KeyError):
+        interleaved()
+    with concurrent_search._progress_bars_tolerate_concurrent_clears():
+        interleaved()
+    assert type(tqdm.tqdm._instances) is WeakSet  # restored
 
 
 def test_p_step_batches_dspy_bootstrapping_optimizers_only():

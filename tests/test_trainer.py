@@ -92,11 +92,11 @@ def test_zero_passing_traces_skip_the_w_step(format_model, tokenizer, tmp_path):
         return False
 
     trainer = make_trainer(format_model, tokenizer, config(tmp_path, strategy="w"), metric=never)
-    with pytest.warns(UserWarning, match="no trace passed the metric"):
+    with pytest.warns(UserWarning, match="no trace to train on"):
         trainer.train()
     steps = json.loads((tmp_path / "results.json").read_text())["steps"]
     assert steps[1]["traces_kept"] == 0 and steps[1]["traces_total"] == 10
-    assert steps[1]["skipped"].startswith("no passing trace")
+    assert steps[1]["skipped"].startswith("no trace to train on")
     assert steps[1]["weights_dir"] == "step_0_vanilla"
     assert steps[1]["lm_name"] == steps[0]["lm_name"]
 
