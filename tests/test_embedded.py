@@ -70,3 +70,53 @@ def test_embedded_model_zero_shot_iris_parses_every_answer(tmp_path):
     summary = trainer.evaluate_program(val, iris.program())
     assert summary.total == len(val) and summary.parse_failures == 0, summary
     assert summary.program_errors == 0
+
+
+class TicketRouter(dspy.Module):
+    """A user's own two-module program (no bundled task): summarize a support ticket, then route the summary."""
+
+    def __init__(self):
+        super().__init__()
+        self.summarize = dspy.Predict("ticket -> summary")
+        self.route = dspy.Predict("summary -> team: Literal['billing', 'technical']")
+
+    def forward(self, ticket):
+        return self.route(summary=self.summarize(ticket=ticket).summary)
+
+
+TICKETS = [
+    ("I was charged twice for my subscription this month.", "billing"),
+    ("The app crashes every time I open the settings page.", "technical"),
+    ("Please send me an invoice for last year's payments.", "billing"),
+    ("I cannot log in, the page says server error 500.", "technical"),
+    ("My refund has not arrived yet, it has been two weeks.", "billing"),
+    ("The export button produces an empty CSV file.", "technical"),
+    ("Why did my card get declined when I upgraded my plan?", "billing"),
+    ("Sync between my phone and laptop stopped working.", "technical"),
+]
+
+
+def test_users_two_module_program_gets_traces_and_a_trained_adapter(tmp_path):
+    """The README's API example with a program of the user's own: the w step keeps passing traces, pools both modules'
+    calls into its SFT data and trains a LoRA adapter on the embedded model."""
+    examples = [dspy.Example(ticket=t, team=team).with_inputs("ticket") for t, team in TICKETS]
+
+    def metric(example, prediction, trace=None):
+        return example.team == prediction.team
+
+    args = BetterTogetherConfig(str(tmp_path), strategy="w", report_to="none", generation_max_tokens=96,
+                                num_threads=8, num_train_epochs=1, per_device_train_batch_size=4,
+                                save_strategy="no", max_length=1024, seed=0)
+    trainer = BetterTogetherTrainer(model=EMBEDDED_MODEL, args=args, program=TicketRouter(), metric=metric,
+                                    trainset=examples[:6], valset=examples[6:],
+                                    peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    trainer.train()
+
+    w = json.loads((tmp_path / "results.json").read_text())["steps"][1]
+    assert w["kind"] == "w" and w["parse_failures"] == 0 and w["traces_kept"] > 0 and w["first_loss"] is not None
+    rows = [json.loads(line) for line in (tmp_path / "step_1_w" / "sft_dataset.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * w["traces_kept"]  # both modules' calls of every kept run
+    completions = [row["completion"][0]["content"] for row in rows]
+    assert sum("[[ ## summary ## ]]" in c for c in completions) == sum("[[ ## team ## ]]" in c for c in completions)
+    assert (tmp_path / "step_1_w" / "adapter_model.safetensors").exists()
+    assert trainer.program(ticket=TICKETS[0][0]).team in ("billing", "technical")
