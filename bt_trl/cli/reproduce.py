@@ -222,7 +222,8 @@ def results_markdown(records: list[RunRecord], grid: GridArguments, header: str,
         lines.append(f"| {strategy} | {mean:.1f} ± {std:.1f} | {len(runs)} | {val} "
                      f"| {statistics.fmean(r.wall_seconds for r in runs):.0f} |")
     lines += ["", "## Steps", "", "Mean over seeds. Seconds include the step's valset scoring; traces kept / total "
-              "are the w step's passing program runs on the trainset.", "",
+              "are the w step's passing program runs on the trainset that it trained on (not those that copied DSPy's "
+              "missing-field placeholder).", "",
               "| strategy | step | val score | seconds | traces kept / total |", "|---|---|---:|---:|---:|"]
     for strategy, runs in _by_strategy(records, grid).items():
         for index in range(max((len(r.steps) for r in runs), default=0)):
