@@ -27,7 +27,7 @@ class StepResult:
     parse_failures: int | None = None
     metric_errors: int | None = None
     program_errors: int | None = None
-    copied_placeholder: int | None = None  # passing runs not kept: they copied DSPy's placeholder
+    copied_placeholder: int | None = None  # passing runs that copied DSPy's missing-field placeholder
     sft_examples: int | None = None
     first_loss: float | None = None
     last_loss: float | None = None
@@ -83,7 +83,7 @@ def results_row(s: StepResult, best_index: int | None, note: str = "") -> str:
     is added to the note column."""
     traces = f"{s.traces_kept} / {s.traces_total}" if s.traces_total is not None else ""
     loss = f"{s.first_loss:.3f} → {s.last_loss:.3f}" if s.first_loss is not None else ""
-    copied = f"{s.copied_placeholder} passing run(s) copied DSPy's placeholder" if s.copied_placeholder else ""
+    copied = f"{s.copied_placeholder} passing runs copied DSPy's placeholder" if s.copied_placeholder else ""
     note = "; ".join(x for x in ("best" if s.index == best_index else "", s.skipped or "", copied, note) if x)
     return (f"| {s.index} | {s.kind} | {s.val_score:.1f} | {traces} | {_fmt(s.pass_rate, '.1f')} "
             f"| {_fmt(s.sft_examples)} | {loss} | {s.completion_tokens} | {s.seconds:.1f} | {note} |")

@@ -183,15 +183,17 @@ class BetterTogetherTrainer(SFTTrainer):
                 retried = self.runner.run(program, [self.trainset[i] for i in failed], sampling_lm, with_trace=True)
                 for i, call in zip(failed, retried):
                     calls[i] = call
-        return traces_to_dataset(calls)
+        return traces_to_dataset(calls, drop_placeholder=self.args.drop_placeholder_traces)
 
     def finetune_weights(self, traces: TraceDataset, index: int) -> tuple[float, float] | None:
         """One SFT run on the traces (its own output folder, optimizer and LR schedule). Returns the first and last
         logged training loss, or None when there was nothing to train on."""
         if traces.copied_placeholder:
+            treated = ("left out (drop_placeholder_traces)" if traces.placeholder_dropped else
+                       "trained on as they are (drop_placeholder_traces=True leaves them out)")
             warnings.warn(
-                f"w step {index}: {traces.copied_placeholder} passing run(s) copied DSPy's placeholder for a demo's "
-                "missing field ('Not supplied for this particular example.') and are not trained on",
+                f"w step {index}: {traces.copied_placeholder} of {traces.summary.passed} passing runs copied DSPy's "
+                f"placeholder for a demo's missing field ('Not supplied for this particular example.'): {treated}",
                 stacklevel=2,
             )
         if traces.kept == 0:

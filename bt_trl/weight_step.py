@@ -16,9 +16,8 @@ FORMAT_ROW = {"prompt": [{"role": "user", "content": "?"}], "completion": [{"rol
 
 
 # DSPy's adapters write a demo's missing output field (the reasoning of a ChainOfThought's labeled demo: labels have
-# none) as "Not supplied for this particular example."; a small model copies it into its own outputs. Trained on, it
-# becomes the model's output for every input: Qwen2.5-Coder-0.5B on Iris, 10 of 19 passing traces copied it, and the
-# tuned model wrote it, then one species, for 15 of 15 valset flowers (results/iris_qwen05). Such a run is not kept.
+# none) as "Not supplied for this particular example."; small models copy it into their own outputs, and bootstrapped
+# demos then carry it too. Such runs are counted, and left out when asked (`drop_placeholder_traces`).
 MISSING_FIELD_PLACEHOLDER = "not supplied for this"
 
 
@@ -32,11 +31,13 @@ def copies_placeholder(trace: list) -> bool:
 class TraceDataset:
     dataset: datasets.Dataset  # conversational prompt/completion rows
     summary: RunSummary  # program runs passed / total, parse failures, metric errors, ...
-    copied_placeholder: int = 0  # passing runs left out because they copied DSPy's missing-field placeholder
+    copied_placeholder: int = 0  # passing runs that copied DSPy's missing-field placeholder
+    placeholder_dropped: bool = False  # whether those runs were left out of `dataset`
 
     @property
     def kept(self) -> int:
-        return self.summary.passed - self.copied_placeholder
+        """Passing runs whose module calls are in `dataset`."""
+        return self.summary.passed - (self.copied_placeholder if self.placeholder_dropped else 0)
 
 
 def chat_row(messages: list[dict]) -> dict:
@@ -68,11 +69,14 @@ def rows_to_dataset(rows: list[dict]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def traces_to_dataset(calls: list[ProgramCall], adapter: dspy.Adapter | None = None) -> TraceDataset:
-    """Pools the module calls of every passing program call into one multitask dataset, leaving out the runs that
-    copied DSPy's missing-field placeholder (`copies_placeholder`)."""
+def traces_to_dataset(calls: list[ProgramCall], adapter: dspy.Adapter | None = None,
+                      drop_placeholder: bool = False) -> TraceDataset:
+    """Pools the module calls of every passing program call into one multitask dataset; with `drop_placeholder`,
+    without the runs that copied DSPy's missing-field placeholder (`copies_placeholder`)."""
     adapter = adapter or program_adapter()
     passed = [call for call in calls if call.passed]
-    kept = [call for call in passed if not copies_placeholder(call.trace)]
+    copied = [copies_placeholder(call.trace) for call in passed]
+    kept = [call for call, copy in zip(passed, copied) if not (drop_placeholder and copy)]
     rows = [row for call in kept for row in trace_to_rows(call.trace, adapter)]
-    return TraceDataset(rows_to_dataset(rows), RunSummary.of(calls), copied_placeholder=len(passed) - len(kept))
+    return TraceDataset(rows_to_dataset(rows), RunSummary.of(calls), copied_placeholder=sum(copied),
+                        placeholder_dropped=drop_placeholder)

@@ -82,9 +82,9 @@ def test_failures_are_counted_and_excluded(format_model, tokenizer):
     assert data.dataset.column_names == ["prompt", "completion"]
 
 
-def test_runs_that_copied_dspys_missing_field_placeholder_are_not_kept(format_model, tokenizer):
-    """A ChainOfThought's labeled demos show their missing reasoning as DSPy's placeholder; a passing run whose module
-    copied it is counted and left out of the SFT data."""
+def test_runs_that_copied_dspys_missing_field_placeholder_are_counted_and_can_be_left_out(format_model, tokenizer):
+    """A ChainOfThought's labeled demos show their missing reasoning as DSPy's placeholder; passing runs whose module
+    copied it are counted, trained on by default (as DSPy's BootstrapFinetune does) and left out when asked."""
     train, _, _ = iris.load_splits(0, (6, 0, 0))
     calls = collect(format_model, tokenizer, iris.program(), always, train, "placeholder")
     copied = []
@@ -92,10 +92,14 @@ def test_runs_that_copied_dspys_missing_field_placeholder_are_not_kept(format_mo
         ((predictor, inputs, outputs),) = call.trace
         written = {**outputs, "reasoning": "Not supplied for this particular example."}
         copied.append(dataclasses.replace(call, trace=[(predictor, inputs, written)]))
-    data = traces_to_dataset(copied + calls[2:])
-    assert data.summary.passed == 6 and data.copied_placeholder == 2 and data.kept == 4
-    completions = [row["completion"][0]["content"] for row in data.dataset]
-    assert len(completions) == 4 and not any("Not supplied" in c for c in completions)
+
+    kept = traces_to_dataset(copied + calls[2:])
+    assert kept.summary.passed == 6 and kept.copied_placeholder == 2 and kept.kept == 6
+    assert sum("Not supplied" in row["completion"][0]["content"] for row in kept.dataset) == 2
+
+    dropped = traces_to_dataset(copied + calls[2:], drop_placeholder=True)
+    assert dropped.copied_placeholder == 2 and dropped.kept == 4 and len(dropped.dataset) == 4
+    assert not any("Not supplied" in row["completion"][0]["content"] for row in dropped.dataset)
 
 
 def test_metric_threshold_decides_what_passes(format_model, tokenizer):
