@@ -99,7 +99,7 @@ def test_bt_trl_train_prints_a_screenful_and_logs_the_rest(tokenizer, tmp_path):
     # Warnings once each: the w step's "no trace to train on" warning is shown, once.
     warned = [line for line in lines if "Warning" in line or line.startswith("warning")]
     assert len(warned) == len(set(warned))
-    assert sum("no trace to train on" in line for line in lines) == 1
+    assert sum("w step 2: no trace to train on" in line for line in lines) == 1
     # No library output on the console: DSPy's optimizer prints and progress bars are in run.log.
     assert not any("Average Metric" in line or "Bootstrapped" in line or "it/s]" in line for line in lines)
 
