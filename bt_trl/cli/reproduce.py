@@ -132,10 +132,11 @@ def start_from_prefix(prefix: RunRecord, folder: Path) -> None:
 
 def run_one(task: Task, args: BetterTogetherConfig, model_args: ModelConfig, strategy: str, seed: int) -> None:
     folder = run_folder(args.output_dir, strategy, seed)
-    prefix = None
-    if RunState.load(folder) is None and (prefix := longest_finished_prefix(args.output_dir, strategy, seed)):
+    interrupted = RunState.load(folder) is not None
+    prefix = None if interrupted else longest_finished_prefix(args.output_dir, strategy, seed)
+    if prefix is not None:
         start_from_prefix(prefix, folder)
-    resume = str(folder) if RunState.load(folder) is not None else None
+    resume = str(folder) if interrupted or prefix is not None else None
     run_args = dataclasses.replace(args, output_dir=str(folder), seed=seed, resume_from_checkpoint=resume,
                                    strategy=args.strategy if strategy == VANILLA else strategy)
     trainer = build_trainer(task, run_args, model_args)
