@@ -1,4 +1,5 @@
-"""The paper's GSM8K and HotPotQA tasks on the shared data, the retrievers, and `bt-trl reproduce` on a real grid."""
+"""The paper's tasks (Iris's Predict variant, GSM8K and HotPotQA on the shared data), the retrievers, and
+`bt-trl reproduce` on a real grid."""
 
 import json
 import threading
@@ -15,7 +16,7 @@ from trl import ModelConfig
 from bt_trl import BetterTogetherConfig
 from bt_trl.engine import GenerationSettings, TransformersBackend, serving_lm
 from bt_trl.runner import ProgramRunner
-from bt_trl.tasks import gsm8k, hotpotqa, load_task
+from bt_trl.tasks import get_task, gsm8k, hotpotqa, iris, load_task
 from bt_trl.tasks.retrieval import BM25Retriever
 from bt_trl.cli import reproduce
 from bt_trl.cli.train import TaskArguments
@@ -29,6 +30,23 @@ needs_data = pytest.mark.skipif(not (GSM8K_DIR.exists() and HOTPOTQA_DIR.exists(
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_iris_predict_is_the_paper_iris_without_the_reasoning_field():
+    """Same flowers, split and metric as `iris`; the program answers without a reasoning field (no placeholder to
+    copy), and a pushed run's program is rebuilt by the task's name."""
+    paper, predict = load_task("iris", 3, (7, 5, 4)), load_task("iris_predict", 3, (7, 5, 4))
+    for split in ("train", "val", "test"):
+        assert getattr(paper, split) == getattr(predict, split)
+    assert predict.metric is iris.metric
+    program = predict.program()
+    [predictor] = program.predictors()
+    assert list(predictor.signature.output_fields) == ["answer"]
+    assert "reasoning" in paper.program().predict.signature.output_fields
+    program.demos = predict.train[:2]
+    rebuilt = get_task("iris_predict").program()
+    rebuilt.load_state(program.dump_state())
+    assert [dict(demo) for demo in rebuilt.demos] == [example.toDict() for example in program.demos]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,6 +291,7 @@ def test_reproduce_grid_writes_results_and_resumes(format_model, tokenizer, tmp_
     assert (tmp_path / "grid" / "w" / "seed_1" / "step_1_w" / "sft_dataset.jsonl").exists()
 
     results = (tmp_path / "grid" / "RESULTS.md").read_text()
+    assert "trace_rounds=1;" in results and "weights float32, bf16 training False." in results
     for strategy in grid.strategies:
         mean, std = reproduce.mean_std([r.test_score for r in records if r.strategy == strategy])
         assert f"| {strategy} | {mean:.1f} ± {std:.1f} | 2 |" in results

@@ -277,8 +277,10 @@ def grid_header(task_args: TaskArguments, args: BetterTogetherConfig, model_args
         + (f"; retriever: {task_args.retriever}" if task_args.retriever else ""),
         f"p step: {args.max_bootstrapped_demos} bootstrapped + {args.max_labeled_demos} labeled demos, "
         f"{args.num_candidate_programs} random candidates; w step: {lora}, learning rate {args.learning_rate}, "
-        f"{args.num_train_epochs} epoch(s), w_step_init={args.w_step_init}; generation: "
-        f"{args.generation_max_tokens} new tokens, temperature {args.generation_temperature}.",
+        f"{args.num_train_epochs} epoch(s), w_step_init={args.w_step_init}, trace_rounds={args.trace_rounds}; "
+        f"generation: {args.generation_max_tokens} new tokens, temperature {args.generation_temperature}; "
+        # bf16 changes the answers as well as the speed, so a table says which precision made it
+        f"weights {(args.model_init_kwargs or {}).get('dtype', 'float32')}, bf16 training {bool(args.bf16)}.",
     ])
 
 

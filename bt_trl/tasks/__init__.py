@@ -16,7 +16,7 @@ from types import ModuleType
 
 import dspy
 
-TASKS = ("iris", "gsm8k", "hotpotqa")
+TASKS = ("iris", "iris_predict", "gsm8k", "hotpotqa")
 
 
 def get_task(name: str) -> ModuleType:
