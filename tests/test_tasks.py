@@ -306,9 +306,9 @@ def test_reproduce_grid_writes_results_and_resumes(format_model, tokenizer, tmp_
     assert (tmp_path / "grid" / "RESULTS.md").read_text() == results
 
 
-def test_reproduce_grid_starts_a_run_from_its_finished_prefix(format_model, tokenizer, tmp_path):
-    """`w -> w` after `w` copies the `w` run's step and runs only its second w step; the result equals the same run
-    made from scratch in a grid of its own."""
+def test_reproduce_grid_starts_a_run_from_the_steps_it_shares_with_a_finished_run(format_model, tokenizer, tmp_path):
+    """`w -> w` after `w` copies the `w` run's step and runs only its second w step; `w` after `w -> w` runs no step
+    (its steps are the first ones of `w -> w`). Each equals the same run made from scratch in the other grid."""
     model_dir = tmp_path / "tiny-format-model"
     format_model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -326,20 +326,28 @@ def test_reproduce_grid_starts_a_run_from_its_finished_prefix(format_model, toke
         assert not failures
         return records
 
-    prefix, extended = grid(["w", "w -> w"], "shared")
-    (alone,) = grid(["w -> w"], "alone")
+    short, extended = grid(["w", "w -> w"], "short_first")  # w from scratch, then w -> w from its step
+    long, derived = grid(["w -> w", "w"], "long_first")  # w -> w from scratch, then w from its first step
 
-    summary = json.loads((extended.folder / "summary.json").read_text())
-    assert summary["started_from"] == "w/seed_0" and "started_from" not in json.loads(
-        (alone.folder / "summary.json").read_text())
-    assert [s.kind for s in extended.steps] == ["vanilla", "w", "w"]
-    assert extended.steps[1] == prefix.steps[1]  # copied, not rerun: the same record, seconds included
-    assert extended.wall_seconds > sum(s.seconds for s in prefix.steps)
+    def started_from(record: reproduce.RunRecord) -> str | None:
+        return json.loads((record.folder / "summary.json").read_text()).get("started_from")
+
+    assert started_from(short) is None and started_from(long) is None
+    assert started_from(extended) == "w/seed_0" and started_from(derived) == "w-w/seed_0"
+    assert [s.kind for s in extended.steps] == ["vanilla", "w", "w"] and [s.kind for s in derived.steps] == [
+        "vanilla", "w"]
+    assert extended.steps[1] == short.steps[1] and derived.steps == long.steps[:2]  # copied, not rerun
+    assert extended.wall_seconds > sum(s.seconds for s in short.steps)
+    assert derived.wall_seconds >= sum(s.seconds for s in long.steps[:2])
+    assert not (derived.folder / "step_2_w").exists()  # only the shared steps were copied
     for step in (1, 2):
         name = f"step_{step}_w/sft_dataset.jsonl"
-        assert (extended.folder / name).read_text() == (alone.folder / name).read_text()
-    assert [s.val_score for s in extended.steps] == [s.val_score for s in alone.steps]
-    assert extended.test_score == alone.test_score
+        assert (extended.folder / name).read_text() == (long.folder / name).read_text()
+    assert (derived.folder / "step_1_w/sft_dataset.jsonl").read_text() == (
+        short.folder / "step_1_w/sft_dataset.jsonl").read_text()
+    assert [s.val_score for s in extended.steps] == [s.val_score for s in long.steps]
+    assert [s.val_score for s in derived.steps] == [s.val_score for s in short.steps]
+    assert extended.test_score == long.test_score and derived.test_score == short.test_score
 
 
 def test_reproduce_grid_arguments_are_checked():

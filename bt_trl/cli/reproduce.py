@@ -10,10 +10,11 @@ Every flag of `bt-trl train` applies to every run. Runs go to `<output_dir>/<str
 `summary.json` is finished and skipped, an interrupted one is resumed after its last completed step, so the grid
 can be stopped and started again. A run that fails is reported and the grid goes on.
 
-A run whose strategy extends a finished run's (`p -> w -> p` after `p -> w`, same seed) starts from a copy of that
-run's steps instead of recomputing them: every step is seeded by the run seed and its index, so the steps it reuses
-are the ones it would have run itself. Its wall time counts the reused steps' seconds; `summary.json` names the run
-it started from.
+A run that shares its first steps with a finished run of the same seed starts from a copy of those steps instead of
+recomputing them: `p -> w -> p` after `p -> w` runs only its last p step, and `p -> w` after `p -> w -> p` runs no
+step (its steps are the first ones of the longer run; only its test score is computed). Every step is seeded by the
+run seed and its index, so the steps it reuses are the ones it would have run itself. Its wall time counts the reused
+steps' seconds; `summary.json` names the run it started from.
 
 `vanilla` runs no step: the initial program with the initial weights, scored on the test set (the same program every
 other run scores on the valset as its step 0). The seed is `BetterTogetherConfig.seed` (demo sampling, LoRA init,
@@ -113,38 +114,53 @@ def score_vanilla(trainer: BetterTogetherTrainer, task: Task) -> dict:
     return summary
 
 
-def longest_finished_prefix(root: str | Path, strategy: str, seed: int) -> RunRecord | None:
-    """The finished run of the same seed whose strategy is the longest proper prefix of `strategy`, if any."""
+def finished_run_sharing_steps(root: str | Path, strategy: str, seed: int) -> tuple[RunRecord, int] | None:
+    """The finished run of the same seed that shares the most leading steps with `strategy`, and how many of its step
+    results (vanilla included) this run can take over: all of this run's if the finished run's strategy extends this
+    one, else all of the finished run's if its strategy is a proper prefix of this one. None if there is no such run."""
     if strategy == VANILLA:
         return None
     steps = parse_strategy(strategy)
+    longer = []
+    for folder in Path(root).glob(f"*/seed_{seed}"):
+        other = folder.parent.name.split("-")
+        if folder.parent.name != VANILLA and len(other) > len(steps) and other[: len(steps)] == steps:
+            longer.append(" -> ".join(other))
+    for other in sorted(longer, key=len):
+        record = load_record(root, other, seed)
+        if record is not None:
+            return record, len(steps) + 1
     for length in range(len(steps) - 1, 0, -1):
         record = load_record(root, " -> ".join(steps[:length]), seed)
         if record is not None:
-            return record
+            return record, len(record.steps)
     return None
 
 
-def start_from_prefix(prefix: RunRecord, folder: Path) -> None:
-    """Copies a finished prefix run's steps into `folder`, to be resumed there; not its summary (this run's is its own)."""
-    shutil.copytree(prefix.folder, folder, ignore=shutil.ignore_patterns(SUMMARY_FILE), dirs_exist_ok=True)
+def start_from_steps(run: RunRecord, steps: int, folder: Path, strategy: str) -> None:
+    """Copies the first `steps` steps of a finished run (their folders and results) into `folder`, to be resumed there;
+    nothing else of it (its summary, best step's files and later steps are its own)."""
+    for step in run.steps[:steps]:
+        shutil.copytree(run.folder / step.name, folder / step.name, dirs_exist_ok=True)
+    RunState(parse_strategy(strategy), run.steps[:steps]).save(folder)
 
 
 def run_one(task: Task, args: BetterTogetherConfig, model_args: ModelConfig, strategy: str, seed: int) -> None:
     folder = run_folder(args.output_dir, strategy, seed)
     interrupted = RunState.load(folder) is not None
-    prefix = None if interrupted else longest_finished_prefix(args.output_dir, strategy, seed)
-    if prefix is not None:
-        start_from_prefix(prefix, folder)
-    resume = str(folder) if interrupted or prefix is not None else None
+    shared = None if interrupted else finished_run_sharing_steps(args.output_dir, strategy, seed)
+    if shared is not None:
+        start_from_steps(*shared, folder, strategy)
+    resume = str(folder) if interrupted or shared is not None else None
     run_args = dataclasses.replace(args, output_dir=str(folder), seed=seed, resume_from_checkpoint=resume,
                                    strategy=args.strategy if strategy == VANILLA else strategy)
     trainer = build_trainer(task, run_args, model_args)
     try:
         summary = score_vanilla(trainer, task) if strategy == VANILLA else train_and_test(trainer, task)
-        if prefix is not None and summary is not None:
-            summary["wall_seconds"] = round(summary["wall_seconds"] + sum(s.seconds for s in prefix.steps), 1)
-            summary["started_from"] = str(prefix.folder.relative_to(args.output_dir))
+        if shared is not None and summary is not None:
+            run, steps = shared
+            summary["wall_seconds"] = round(summary["wall_seconds"] + sum(s.seconds for s in run.steps[:steps]), 1)
+            summary["started_from"] = str(run.folder.relative_to(args.output_dir))
             (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     finally:
         if trainer.program is not None:
