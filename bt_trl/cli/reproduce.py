@@ -24,11 +24,13 @@ same test examples.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import json
 import shutil
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -169,7 +171,21 @@ def run_one(task: Task, args: BetterTogetherConfig, model_args: ModelConfig, str
             for predictor in trainer.program.predictors():
                 predictor.lm.engine.close()
         del trainer
-        gc.collect()
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Frees the finished run's objects and gives the C heap's free pages back to the OS. glibc keeps freed memory in
+    the arena of the thread that used it (generation workers, DSPy's threads, the SFT step), scattered between live
+    blocks, so a process that loads model after model grows: a 1.5B-model grid reached 24 GiB after five runs and was
+    OOM-killed mid-step; `malloc_trim` took one such process from 12.9 GB to 4.6 GB resident. A no-op off glibc."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # another C library (musl): no malloc_trim
+            return
+        libc.malloc_trim(0)
 
 
 def run_grid(grid: GridArguments, task: Task, args: BetterTogetherConfig, model_args: ModelConfig,
