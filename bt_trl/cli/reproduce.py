@@ -17,9 +17,11 @@ run seed and its index, so the steps it reuses are the ones it would have run it
 steps' seconds; `summary.json` names the run it started from.
 
 `vanilla` runs no step: the initial program with the initial weights, scored on the test set (the same program every
-other run scores on the valset as its step 0). The seed is `BetterTogetherConfig.seed` (demo sampling, LoRA init,
-data order); the train/val/test split is the same for every run (`--split_seed`), so strategies are compared on the
-same test examples.
+other run scores on the valset as its step 0). The seed is `BetterTogetherConfig.seed`: it varies the w step (LoRA
+init, data order, the sampled trace rounds) and so every step after one. It does not vary a p step on the base
+weights: DSPy's random search draws its candidate demo sets with fixed seeds of its own, so the first p step of every
+seed is the same computation (up to the order in which concurrent requests are batched). The train/val/test split is
+the same for every run (`--split_seed`), so strategies are compared on the same test examples.
 """
 
 from __future__ import annotations
