@@ -44,7 +44,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from .config import BetterTogetherConfig
 from .engine import LM_PREFIX, BatchingEngine, Generation, GenerationSettings, SamplingParams, TransformersBackend
 from .engine import weights_fingerprint
-from .hub import ADAPTER_WEIGHTS_FILE, checked_program_state, portable_model_id
+from .hub import ADAPTER_WEIGHTS_FILE, checked_program_state, portable_model_id, program_state
 from .models import EMBEDDED_MODEL, check_model_name_or_path, resolve_model_name_or_path
 from .weight_step import chat_row, rows_to_dataset
 
@@ -442,7 +442,8 @@ def load_dspy_program(path: str | Path, program: dspy.Module) -> dspy.Module:
             kwargs = {k: v for k, v in lm_state.items() if k not in ("_dspy_lm_class", "model", "engine")}
             kwargs.pop("num_retries", None)
             lms[name] = engine.dspy_lm(lm_state["model"], **kwargs)
-    loaded.load_state({name: {**module_state, "lm": None} for name, module_state in state.items()})
+    unbound = {name: {**module_state, "lm": None} for name, module_state in state.items()}
+    loaded.load_state(program_state(loaded, unbound))
     for name, predictor in loaded.named_predictors():
         predictor.lm = lms.get(name)
     return loaded

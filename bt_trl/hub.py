@@ -337,19 +337,32 @@ def load_program_state(program: dspy.Module, path: Path) -> None:
     modules. Here the file is parsed as JSON, its modules must be exactly the program's, each with only the keys
     a `Predict` saves, no LM, and as many signature fields as the module has.
     """
-    program.load_state(checked_program_state(program, path))
+    program.load_state(program_state(program, checked_program_state(program, path)))
+
+
+def is_single_predictor(program: dspy.Module) -> bool:
+    """A program that is itself one `Predict` (its only module is named "self"): DSPy saves its state at the top
+    level of the file, not under a module name."""
+    return [module for _, module in program.named_parameters()] == [program]
+
+
+def program_state(program: dspy.Module, module_states: dict) -> dict:
+    """What `program.load_state` takes for these module states (by module name, as `checked_program_state` gives)."""
+    return module_states["self"] if is_single_predictor(program) else module_states
 
 
 def checked_program_state(program: dspy.Module, path: Path, check_lm=None) -> dict:
-    """The module states of the DSPy JSON program file `path`, checked against `program` (see `load_program_state`).
-    A module state naming an LM is refused, unless `check_lm(module_name, lm_state)` is given and accepts it (it
-    raises ValueError otherwise)."""
+    """The module states of the DSPy JSON program file `path` by module name, checked against `program` (see
+    `load_program_state`). A module state naming an LM is refused, unless `check_lm(module_name, lm_state)` is given
+    and accepts it (it raises ValueError otherwise)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a BetterTogether repository holds its program in {PROGRAM_FILE}")
     state = json.loads(path.read_text())
     if not isinstance(state, dict):
         raise ValueError(f"{path}: a DSPy program file is a JSON object, got {type(state).__name__}")
     modules = dict(program.named_parameters())
+    if is_single_predictor(program):
+        state = {"self": {key: value for key, value in state.items() if key != "metadata"}}
     saved = {name for name in state if name != "metadata"}
     if saved != set(modules):
         raise ValueError(f"{path} holds modules {sorted(saved)}; the program has {sorted(modules)}: pass the program "

@@ -2,7 +2,11 @@
 `bt-trl reproduce` on a real grid."""
 
 import json
+import signal
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -13,8 +17,10 @@ import pytest
 from conftest import teach_format, tiny_model
 from trl import ModelConfig
 
+import bt_trl
 from bt_trl import BetterTogetherConfig
 from bt_trl.engine import GenerationSettings, TransformersBackend, serving_lm
+from bt_trl.hub import load_program_state
 from bt_trl.runner import ProgramRunner
 from bt_trl.tasks import get_task, gsm8k, hotpotqa, iris, load_task
 from bt_trl.tasks.retrieval import BM25Retriever
@@ -47,6 +53,27 @@ def test_iris_predict_is_the_paper_iris_without_the_reasoning_field():
     rebuilt = get_task("iris_predict").program()
     rebuilt.load_state(program.dump_state())
     assert [dict(demo) for demo in rebuilt.demos] == [example.toDict() for example in program.demos]
+
+
+def test_a_single_predict_program_loads_from_its_file(tmp_path):
+    """DSPy saves a program that is one `Predict` flat (no module name): `bt-trl evaluate`, `load_program` and
+    `load_dspy_program` read it, with the same checks as a program of named modules."""
+    program = get_task("iris_predict").program()
+    program.demos = iris.load_splits(0, (2, 0, 0))[0]
+    path = tmp_path / "program.json"
+    program.save(str(path))
+    checked = get_task("iris_predict").program()
+    load_program_state(checked, path)
+    rebuilt = bt_trl.load_dspy_program(path, get_task("iris_predict").program())
+    for loaded in (checked, rebuilt):
+        assert loaded.dump_state() == program.dump_state() and loaded.lm is None
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(state, lm={"model": "openai/gpt-4o", "api_base": "http://evil"})))
+    with pytest.raises(ValueError, match="'self' names its own LM"):
+        load_program_state(get_task("iris_predict").program(), path)
+    path.write_text(json.dumps(dict(state, forward="x")))
+    with pytest.raises(ValueError, match="keys a DSPy module does not save.*forward"):
+        load_program_state(get_task("iris_predict").program(), path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,6 +375,40 @@ def test_reproduce_grid_starts_a_run_from_the_steps_it_shares_with_a_finished_ru
     assert [s.val_score for s in extended.steps] == [s.val_score for s in long.steps]
     assert [s.val_score for s in derived.steps] == [s.val_score for s in short.steps]
     assert extended.test_score == long.test_score and derived.test_score == short.test_score
+
+
+def test_reproduce_grid_stops_on_ctrl_c_and_resumes_the_interrupted_run(format_model, tokenizer, tmp_path):
+    """Ctrl-C in the middle of a run stops the whole grid (it is not one failed run to skip past); the next call
+    resumes that run after its last completed step and goes on with the rest. Run as a user runs it: `bt-trl
+    reproduce` in its own process, interrupted with SIGINT."""
+    model_dir = tmp_path / "tiny-format-model"
+    format_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    root = tmp_path / "grid"
+    command = [sys.executable, "-m", "bt_trl.cli", "reproduce", "--task", "iris", "--train_size", "6", "--val_size",
+               "4", "--test_size", "4", "--strategies", "w", "--seeds", "0", "1", "--output_dir", str(root),
+               "--model_name_or_path", str(model_dir), "--use_peft", "--lora_r", "8", "--lora_target_modules",
+               "q_proj", "v_proj", "--generation_max_tokens", "48", "--num_train_epochs", "1",
+               "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--save_strategy", "no",
+               "--max_length", "1024", "--report_to", "none", "--use_cpu"]
+    first_run = root / "w" / "seed_0"
+    grid = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (first_run / "bettertogether_state.json").exists() and grid.poll() is None:
+        time.sleep(0.01)
+    grid.send_signal(signal.SIGINT)  # as Ctrl-C in a terminal: during the w step of the first run
+    output, _ = grid.communicate(timeout=600)
+    assert grid.returncode != 0 and "KeyboardInterrupt" in output, output[-3000:]
+    state = json.loads((first_run / "bettertogether_state.json").read_text())
+    assert [s["kind"] for s in state["steps"]] == ["vanilla"]  # interrupted in step 1
+    assert not (first_run / "summary.json").exists() and not (root / "w" / "seed_1").exists()
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2 run(s) finished, 0 failed" in again.stdout
+    assert "Resuming after step 0 (vanilla)" in (first_run / "run.log").read_text()
+    for seed in (0, 1):
+        summary = json.loads((root / "w" / f"seed_{seed}" / "summary.json").read_text())
+        assert 0 <= summary["test_score"] <= 100
 
 
 def resident_mb() -> float:

@@ -170,8 +170,10 @@ def run_one(task: Task, args: BetterTogetherConfig, model_args: ModelConfig, str
         if trainer.program is not None:
             # The trained program is bound to an LM whose generation worker (a daemon thread) holds the model;
             # stopping it lets this run's model be freed before the next run loads its own.
+            # An interrupted run's program is still unbound (train() binds it at its end).
             for predictor in trainer.program.predictors():
-                predictor.lm.engine.close()
+                if predictor.lm is not None:
+                    predictor.lm.engine.close()
         del trainer
         release_freed_memory()
 
