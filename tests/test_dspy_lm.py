@@ -172,6 +172,6 @@ def test_readme_snippet_better_together(model_dir, tmp_path, monkeypatch, capsys
 
 
 def test_readme_snippet_on_the_embedded_model(tmp_path, monkeypatch, capsys):
-    """The README's snippet as it is: the embedded SmolLM2-135M-Instruct, Iris at the demo's reduced size (minutes)."""
+    """The README's snippet as it is: the embedded SmolLM2-135M-Instruct, Iris at the quick preset's size (minutes)."""
     namespace = run_readme_snippet("embedded:smollm2-135m", tmp_path, monkeypatch)
     check_better_together_result(namespace, tmp_path, capsys.readouterr().out)
