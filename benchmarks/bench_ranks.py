@@ -50,6 +50,7 @@ def collect(args) -> None:
         result = {"ranks": trainer.ranks.world_size, "seconds": seconds[-1], "warmup_seconds": seconds[0],
                   "traces_kept": traces.kept, "traces_total": traces.summary.total}
         Path(args.report).write_text(json.dumps(result))
+    trainer.end()
 
 
 def launch(processes: int, args, report: Path) -> dict:

@@ -29,7 +29,7 @@ from .engine import (
 )
 from .models import resolve_model_name_or_path
 from .prompt_step import default_prompt_optimizer, expected_program_calls, optimize_prompts
-from .ranks import Ranks
+from .ranks import Ranks, end_job
 from .results import RunState, StepResult, write_results
 from .runner import ProgramRunner, RunSummary, configured_adapter, program_adapter, served_program
 from .strategy import PROMPT_STEP, WEIGHT_STEP
@@ -471,6 +471,11 @@ class BetterTogetherTrainer(SFTTrainer):
     # The `bt_trl.tasks` name the program comes from (scripts/train.py sets it). Pushed repositories record it, so that
     # `load_program` can rebuild the program without being given one.
     task_name: str | None = None
+
+    def end(self) -> None:
+        """Finishes the trackers and destroys the process group so that a multi-process job exits cleanly
+        (`bt_trl.ranks.end_job`); call it last, after `train()`, `evaluate_program()` and `push_to_hub()`."""
+        end_job(self)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model` without its push on every save: a run saves after every step, before its result is

@@ -23,6 +23,7 @@ from bt_trl import resolve_model_name_or_path
 from bt_trl.callbacks import BetterTogetherCallback
 from bt_trl.engine import GenerationSettings
 from bt_trl.hub import PROGRAM_FILE, save_program
+from bt_trl.ranks import end_job
 from bt_trl.tasks import iris
 
 
@@ -66,7 +67,7 @@ def main(script_args: BetterTogetherArguments, training_args: SFTConfig, model_a
     if trainer.is_world_process_zero():
         save_program(callback.program, Path(training_args.output_dir) / PROGRAM_FILE)
     trainer.accelerator.print(f"Model and {PROGRAM_FILE} saved to {training_args.output_dir}.")
-    trainer.end()
+    end_job(trainer)  # Trainer.end() in the order that lets a gloo job exit cleanly
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from trl import SFTConfig, SFTTrainer
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
 from bt_trl.callbacks import BetterTogetherCallback
 from bt_trl.engine import GenerationSettings
+from bt_trl.ranks import end_job
 from bt_trl.models import embedded_model_path
 from bt_trl.tasks import iris
 
@@ -101,6 +102,7 @@ def main() -> None:
         "program_calls": trainer.runner.local_calls,
     }
     Path(cli.report_dir, f"rank{trainer.ranks.index}.json").write_text(json.dumps(report))
+    trainer.end()
 
 
 def run_callback(cli, tokenizer) -> None:
@@ -126,6 +128,7 @@ def run_callback(cli, tokenizer) -> None:
         "global_step": trainer.state.global_step,
     }
     Path(cli.report_dir, f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(report))
+    end_job(trainer)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,10 @@ def train_and_test(trainer: BetterTogetherTrainer, task: Task) -> dict | None:
 def main(task_args: TaskArguments, args: BetterTogetherConfig, model_args: ModelConfig) -> dict | None:
     check_model_name_or_path(model_args.model_name_or_path)  # an unknown embedded: name fails before the data loads
     task = task_args.load()
-    return train_and_test(build_trainer(task, args, model_args), task)
+    trainer = build_trainer(task, args, model_args)
+    summary = train_and_test(trainer, task)
+    trainer.end()  # under `accelerate launch`, the job exits cleanly (bt_trl.ranks.end_job)
+    return summary
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
