@@ -22,8 +22,8 @@ from trl import SFTConfig, SFTTrainer
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
 from bt_trl.callbacks import BetterTogetherCallback
 from bt_trl.engine import GenerationSettings
-from bt_trl.ranks import end_job
 from bt_trl.models import embedded_model_path
+from bt_trl.ranks import end_job
 from bt_trl.tasks import iris
 
 
