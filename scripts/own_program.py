@@ -9,7 +9,8 @@ the w step learns both modules' outputs from the runs whose team was right (the 
         --lora_target_modules all-linear --train_size 6 --val_size 3 --test_size 0   # embedded:smollm2-135m
 
 Every `BetterTogetherConfig` field is a flag (`--strategy`, `--trace_rounds`, ...), and TRL's `ModelConfig` gives the
-model and LoRA flags. Prints the test score of the kept program; the run's folder is as `bt-trl train` leaves it.
+model and LoRA flags. Trains, tests and writes the run's folder as `bt-trl train` does (`--resume_from_checkpoint True`
+continues an interrupted run; the test score of the kept program is printed and written to `summary.json`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import dspy
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, BetterTogetherTrainer
+from bt_trl.cli.train import train_and_test
+from bt_trl.tasks import Task
 
 
 class TicketRouter(dspy.Module):
@@ -113,10 +116,8 @@ def main(split_args: SplitArguments, args: BetterTogetherConfig, model_args: Mod
         valset=val,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train()
-    if test:
-        result = trainer.evaluate_program(test)
-        print(f"test score: {result.score:.1f} ({result.passed}/{result.total} passing)")
+    # As `bt-trl train` does: `--resume_from_checkpoint`, the test score printed, summary.json written.
+    train_and_test(trainer, Task("ticket_router", TicketRouter, team_matches, train, val, test))
     trainer.end()
 
 
