@@ -17,6 +17,7 @@ import sys
 import dspy
 from dspy.teleprompt import BootstrapFewShot, BootstrapFewShotWithRandomSearch, LabeledFewShot, Teleprompter
 
+from .interrupts import raise_if_interrupted
 from .batched_bootstrap import BatchedBootstrapFewShot
 from .concurrent_search import ConcurrentRandomSearch
 from .runner import program_adapter
@@ -92,6 +93,10 @@ def optimize_prompts(optimizer: Teleprompter, student: dspy.Module, lm: dspy.LM,
     if teacher is not None and "teacher" in accepted:
         kwargs["teacher"] = teacher
     with dspy.context(lm=lm, adapter=program_adapter(), max_errors=NO_ERROR_LIMIT):
-        program = optimizer.compile(student.deepcopy(), **kwargs)
+        try:
+            program = optimizer.compile(student.deepcopy(), **kwargs)
+        except Exception as exc:  # DSPy's executors raise a Ctrl-C as "Execution cancelled"
+            raise_if_interrupted(exc)
+            raise
     program.set_lm(None)  # keep the program unbound: each step serves it with the LM of the weights in force
     return program

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from .interrupts import raise_if_interrupted
 from .ranks import Ranks
 from .structured import structured_adapter
 
@@ -220,6 +221,7 @@ class ProgramRunner:
                     result.error = "parse"
                     return result
                 except Exception as exc:  # the user's program may raise anything; one bad call must not end the run
+                    raise_if_interrupted(exc)
                     logger.warning("Program call failed on %s: %r", example, exc)
                     result.error = "program"
                     return result
@@ -228,12 +230,16 @@ class ProgramRunner:
                 value = self.metric(example, result.prediction, trace if with_trace else None)
                 result.score = metric_score(value, self.metric_threshold)
             except Exception as exc:
+                raise_if_interrupted(exc)
                 logger.warning("Metric failed on %s: %r", example, exc)
                 result.error = "metric"
             return result
 
-        with ThreadPoolExecutor(max_workers=max(1, min(self.num_threads, len(examples)))) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.num_threads, len(examples))))
+        try:
             return list(pool.map(call, examples))
+        finally:  # on Ctrl-C, the calls not started yet are dropped: the run stops after those in flight
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def evaluate(self, program: dspy.Module, examples: list[dspy.Example], lm: dspy.LM) -> RunSummary:
         return RunSummary.of(self.run(program, examples, lm))

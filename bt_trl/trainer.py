@@ -24,6 +24,7 @@ from .config import BetterTogetherConfig
 from . import hub
 from .console import RunConsole
 from .data import check_examples, check_metric, to_examples, warn_shared_examples
+from .interrupts import interruptible
 from .engine import (
     LM_PREFIX, EngineStats, GenerationBackend, TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint,
 )
@@ -131,7 +132,7 @@ class BetterTogetherTrainer(SFTTrainer):
         """Runs the strategy: score the initial program, then each `p`/`w` step in turn, each scored on the valset and
         saved; ends on the best step. `resume_from_checkpoint` (True or an output folder) continues an interrupted run
         after its last completed step."""
-        with self.console.session():
+        with interruptible(), self.console.session():
             state = self._resume(resume_from_checkpoint) if resume_from_checkpoint else self._start()
             for index, kind in enumerate(self.args.steps, start=1):
                 if index < len(state.steps):
@@ -222,7 +223,7 @@ class BetterTogetherTrainer(SFTTrainer):
     def evaluate_program(self, examples, program: dspy.Module | None = None) -> RunSummary:
         """Scores `program` (default: `trainer.program`) on `examples` with the current weights."""
         examples = to_examples(examples, self.args.input_columns, "examples")
-        with self.console.session(), self.serving() as lm:
+        with interruptible(), self.console.session(), self.serving() as lm:
             self.console.begin("evaluation", len(examples))
             summary = self.runner.evaluate(program or self.program, examples, lm)
             self.console.end()

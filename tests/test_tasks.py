@@ -377,37 +377,43 @@ def test_reproduce_grid_starts_a_run_from_the_steps_it_shares_with_a_finished_ru
     assert extended.test_score == long.test_score and derived.test_score == short.test_score
 
 
-def test_reproduce_grid_stops_on_ctrl_c_and_resumes_the_interrupted_run(format_model, tokenizer, tmp_path):
-    """Ctrl-C in the middle of a run stops the whole grid (it is not one failed run to skip past); the next call
-    resumes that run after its last completed step and goes on with the rest. Run as a user runs it: `bt-trl
-    reproduce` in its own process, interrupted with SIGINT."""
+@pytest.mark.parametrize("strategy", ["p", "w"])
+def test_reproduce_grid_stops_on_ctrl_c_and_resumes_the_interrupted_run(strategy, format_model, tokenizer, tmp_path):
+    """Ctrl-C in the middle of a run stops the whole grid (it is not one failed run to skip past), with one line
+    saying how to go on; the next call resumes that run after its last completed step and goes on with the rest. Run
+    as a user runs it: `bt-trl reproduce` in its own process, with SIGINT arriving at the first metric call of step 1:
+    in the p step inside DSPy's executor (which turns Ctrl-C into an Exception of its own), in the w step while the
+    traces are collected."""
     model_dir = tmp_path / "tiny-format-model"
     format_model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     root = tmp_path / "grid"
-    command = [sys.executable, "-m", "bt_trl.cli", "reproduce", "--task", "iris", "--train_size", "6", "--val_size",
-               "4", "--test_size", "4", "--strategies", "w", "--seeds", "0", "1", "--output_dir", str(root),
-               "--model_name_or_path", str(model_dir), "--use_peft", "--lora_r", "8", "--lora_target_modules",
-               "q_proj", "v_proj", "--generation_max_tokens", "48", "--num_train_epochs", "1",
-               "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--save_strategy", "no",
-               "--max_length", "1024", "--report_to", "none", "--use_cpu"]
-    first_run = root / "w" / "seed_0"
-    grid = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while not (first_run / "bettertogether_state.json").exists() and grid.poll() is None:
-        time.sleep(0.01)
-    grid.send_signal(signal.SIGINT)  # as Ctrl-C in a terminal: during the w step of the first run
-    output, _ = grid.communicate(timeout=600)
-    assert grid.returncode != 0 and "KeyboardInterrupt" in output, output[-3000:]
+    val_size = 4
+    arguments = ["reproduce", "--task", "iris", "--train_size", "6", "--val_size", str(val_size), "--test_size", "4",
+                 "--strategies", strategy, "--seeds", "0", "1", "--output_dir", str(root),
+                 "--model_name_or_path", str(model_dir), "--use_peft", "--lora_r", "8", "--lora_target_modules",
+                 "q_proj", "v_proj", "--generation_max_tokens", "48", "--num_train_epochs", "1",
+                 "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--save_strategy", "no",
+                 "--max_length", "1024", "--report_to", "none", "--use_cpu", "--num_candidate_programs", "1"]
+    first_run = root / strategy / "seed_0"
+    interrupted = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "interrupting_cli.py"), str(val_size + 1), *arguments],
+        capture_output=True, text=True, timeout=600)
+    output = interrupted.stdout + interrupted.stderr
+    assert interrupted.returncode == 130, output[-3000:]
+    assert "bt-trl reproduce: interrupted (Ctrl-C); the same command again" in interrupted.stderr, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
     state = json.loads((first_run / "bettertogether_state.json").read_text())
     assert [s["kind"] for s in state["steps"]] == ["vanilla"]  # interrupted in step 1
-    assert not (first_run / "summary.json").exists() and not (root / "w" / "seed_1").exists()
+    assert not (first_run / "summary.json").exists() and not (root / strategy / "seed_1").exists()
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, "-m", "bt_trl.cli", *arguments], capture_output=True, text=True,
+                           timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "2 run(s) finished, 0 failed" in again.stdout
     assert "Resuming after step 0 (vanilla)" in (first_run / "run.log").read_text()
     for seed in (0, 1):
-        summary = json.loads((root / "w" / f"seed_{seed}" / "summary.json").read_text())
+        summary = json.loads((root / strategy / f"seed_{seed}" / "summary.json").read_text())
         assert 0 <= summary["test_score"] <= 100
 
 

@@ -13,10 +13,20 @@ from __future__ import annotations
 import sys
 from argparse import ArgumentParser
 
+from ..interrupts import interruptible
+
 COMMANDS = {
     "train": "run a BetterTogether strategy on a task, then score the best program on its test set",
     "reproduce": "run strategies x seeds on one task and write RESULTS.md / RESULTS.png",
     "evaluate": "score a trained program (a run folder or a Hub id) on a task split",
+}
+# What to do after Ctrl-C, per command (steps and runs are saved as each one completes).
+AFTER_INTERRUPT = {
+    "train": "the completed steps are saved in --output_dir; the same command with --resume_from_checkpoint True "
+             "continues after the last one",
+    "reproduce": "the same command again skips the finished runs and resumes the interrupted one after its last "
+                 "completed step",
+    "evaluate": "nothing was written",
 }
 
 
@@ -39,4 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         from .reproduce import run
     else:
         from .evaluate import run
-    return run(rest, prog=f"bt-trl {name}")
+    with interruptible():
+        try:
+            return run(rest, prog=f"bt-trl {name}")
+        except KeyboardInterrupt:
+            print(f"\nbt-trl {name}: interrupted (Ctrl-C); {AFTER_INTERRUPT[name]}", file=sys.stderr, flush=True)
+            return 130  # the shell's code for a job ended by SIGINT

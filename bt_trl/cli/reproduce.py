@@ -41,6 +41,7 @@ from pathlib import Path
 from trl import ModelConfig, TrlParser
 
 from ..config import BetterTogetherConfig
+from ..interrupts import raise_if_interrupted
 from ..models import EMBEDDED_MODEL, check_model_name_or_path
 from ..results import RunState, StepResult
 from ..strategy import parse_strategy
@@ -210,6 +211,7 @@ def run_grid(grid: GridArguments, task: Task, args: BetterTogetherConfig, model_
         try:
             run_one(task, args, model_args, strategy, seed)
         except Exception as exc:  # one failed run must not cost the others; it is reported and can be rerun
+            raise_if_interrupted(exc)
             failures[(strategy, seed)] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
         ran += 1
