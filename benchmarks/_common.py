@@ -10,7 +10,7 @@ import dspy
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bt_trl.models import embedded_model_path
+from bt_trl.serving.models import embedded_model_path
 from bt_trl.tasks import iris
 
 

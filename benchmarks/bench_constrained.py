@@ -17,7 +17,6 @@ the trainer's `ProgramRunner`: Iris zero-shot and with 3 labeled demos, GSM8K an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
@@ -26,12 +25,12 @@ import torch
 from _common import cpu_note, iris_program_with_demos, no_dspy_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bt_trl import engine, structured
-from bt_trl.engine import GenerationSettings, SamplingParams, TransformersBackend, serving_lm
-from bt_trl.models import resolve_model_name_or_path
-from bt_trl.runner import ProgramRunner
-from bt_trl.structured import chat_fields_format, output_grammar
-from bt_trl.tasks import load_task, iris
+from bt_trl.core.runner import ProgramRunner
+from bt_trl.serving import engine, structured
+from bt_trl.serving.engine import GenerationSettings, SamplingParams, TransformersBackend, serving_lm
+from bt_trl.serving.models import resolve_model_name_or_path
+from bt_trl.serving.structured import chat_fields_format, output_grammar
+from bt_trl.tasks import iris, load_task
 
 
 def load(model: str):
@@ -104,15 +103,15 @@ def parse(args) -> None:
         program = task.program()
         if demos:
             program = dspy.LabeledFewShot(k=demos).compile(program, trainset=task.train)
-        for structured in (False, True):
+        for constrained in (False, True):
             no_dspy_cache()
             start = time.perf_counter()
-            with serving_lm(TransformersBackend(model, tokenizer), f"{args.model}-{structured}",
-                            GenerationSettings(max_tokens=args.max_tokens, structured=structured)) as lm:
+            with serving_lm(TransformersBackend(model, tokenizer), f"{args.model}-{constrained}",
+                            GenerationSettings(max_tokens=args.max_tokens, structured=constrained)) as lm:
                 calls = ProgramRunner(task.metric, num_threads=8).run(program, task.test, lm)
             failures = sum(call.error == "parse" for call in calls)
             accuracy = 100 * sum(call.passed for call in calls) / len(calls)
-            print(f"| {title} | {'on' if structured else 'off'} | {failures}/{len(calls)} | {accuracy:.0f} % | "
+            print(f"| {title} | {'on' if constrained else 'off'} | {failures}/{len(calls)} | {accuracy:.0f} % | "
                   f"{time.perf_counter() - start:.0f} |", flush=True)
 
 

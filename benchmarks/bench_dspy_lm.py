@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import dspy
+from _common import timed
 
 import bt_trl
-from _common import timed
 from bt_trl.tasks import iris
 
 REPO = Path(__file__).resolve().parent.parent

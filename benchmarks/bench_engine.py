@@ -23,10 +23,16 @@ import dspy
 import torch
 from _common import cpu_note, iris_examples, iris_program_with_demos, load_embedded, no_dspy_cache, timed
 
-from bt_trl.engine import (
-    COMPLETION_MARKER, Generation, GenerationSettings, TransformersBackend, chat_messages, response, serving_lm,
+from bt_trl.core.runner import ProgramRunner
+from bt_trl.serving.engine import (
+    COMPLETION_MARKER,
+    Generation,
+    GenerationSettings,
+    TransformersBackend,
+    chat_messages,
+    response,
+    serving_lm,
 )
-from bt_trl.runner import ProgramRunner
 from bt_trl.tasks import iris
 
 

@@ -22,8 +22,8 @@ import dspy
 from _common import cpu_note, iris_examples, iris_program_with_demos, timed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bt_trl.engine import SamplingParams, TransformersBackend
-from bt_trl.models import EMBEDDED_MODELS, EMBEDDED_PREFIX, embedded_model, embedded_model_path
+from bt_trl.serving.engine import SamplingParams, TransformersBackend
+from bt_trl.serving.models import EMBEDDED_MODELS, EMBEDDED_PREFIX, embedded_model, embedded_model_path
 
 
 def iris_prompts(count: int) -> list[list[dict]]:

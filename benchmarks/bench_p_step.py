@@ -22,9 +22,9 @@ import argparse
 import dspy
 from _common import cpu_note, load_embedded, no_dspy_cache, timed
 
-from bt_trl.engine import GenerationSettings, TransformersBackend, serving_lm
-from bt_trl.prompt_step import NO_ERROR_LIMIT, default_prompt_optimizer, optimize_prompts
-from bt_trl.runner import program_adapter
+from bt_trl.core.runner import program_adapter
+from bt_trl.serving.engine import GenerationSettings, TransformersBackend, serving_lm
+from bt_trl.steps.prompt import NO_ERROR_LIMIT, default_prompt_optimizer, optimize_prompts
 from bt_trl.tasks import iris
 
 

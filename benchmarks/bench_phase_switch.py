@@ -27,9 +27,15 @@ from _common import cpu_note, load_embedded, median, no_dspy_cache, timed
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from bt_trl.engine import (
-    GenerationSettings, SamplingParams, TransformersBackend, encode_chats, eval_mode, lm_name,
-    serving_lm, weights_fingerprint,
+from bt_trl.serving.engine import (
+    GenerationSettings,
+    SamplingParams,
+    TransformersBackend,
+    encode_chats,
+    eval_mode,
+    lm_name,
+    serving_lm,
+    weights_fingerprint,
 )
 from bt_trl.tasks import iris
 

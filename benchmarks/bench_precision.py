@@ -26,10 +26,10 @@ from _common import cpu_note, no_dspy_cache
 from peft import LoraConfig
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
-from bt_trl.models import EMBEDDED_MODEL
-from bt_trl.runner import ProgramCall
+from bt_trl.core.runner import ProgramCall
+from bt_trl.serving.models import EMBEDDED_MODEL
+from bt_trl.steps.sft import traces_to_dataset
 from bt_trl.tasks import iris_predict
-from bt_trl.weight_step import traces_to_dataset
 
 PRECISIONS = {"fp32": dict(bf16=False), "bf16": dict(bf16=True, model_init_kwargs={"dtype": "bfloat16"})}
 BATCH = 4

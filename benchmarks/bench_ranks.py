@@ -40,7 +40,7 @@ def collect(args) -> None:
         program=labeled, metric=iris.metric, trainset=train, valset=train,
     )
     seconds = []
-    for attempt in range(2):
+    for _ in range(2):
         dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
         trainer.accelerator.wait_for_everyone()
         started = time.perf_counter()

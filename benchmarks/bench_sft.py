@@ -29,10 +29,10 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
-from bt_trl.models import embedded_model_path
-from bt_trl.runner import ProgramCall
+from bt_trl.core.runner import ProgramCall
+from bt_trl.serving.models import embedded_model_path
+from bt_trl.steps.sft import traces_to_dataset
 from bt_trl.tasks import iris
-from bt_trl.weight_step import traces_to_dataset
 
 
 def small_model(tokenizer, hidden: int) -> LlamaForCausalLM:

@@ -1,12 +1,12 @@
 """bt_trl: BetterTogether (prompt + weight optimization of DSPy programs) on Hugging Face TRL's SFTTrainer."""
 
-from .config import BetterTogetherConfig
-from .dspy_lm import lm, load_dspy_program
-from .hub import load_program
-from .models import EMBEDDED_MODEL, resolve_model_name_or_path
-from .strategy import parse_strategy
-from .structured import structured_adapter
-from .trainer import BetterTogetherTrainer
+from bt_trl.config import BetterTogetherConfig
+from bt_trl.integrations.dspy_lm import lm, load_dspy_program
+from bt_trl.integrations.hub import load_program
+from bt_trl.serving.models import EMBEDDED_MODEL, resolve_model_name_or_path
+from bt_trl.serving.structured import structured_adapter
+from bt_trl.steps.strategy import parse_strategy
+from bt_trl.trainer import BetterTogetherTrainer
 
 __all__ = [
     "BetterTogetherConfig",

@@ -15,7 +15,7 @@ so the strategy is `p -> w -> p -> ... -> w -> p`.
 The model and tokenizer are the trainer's: the callback receives them with every event (`model`, `processing_class`).
 It generates as `BetterTogetherTrainer` does: the batching engine, structured generation, eval mode with gradient
 checkpointing off, every parameter materialized (ZeRO-3 gathered with DeepSpeed's hooks lifted, FSDP v1 summoned), and
-the work split across ranks (`bt_trl/ranks.py`): scoring and trace collection by shares of the examples, the prompt
+the work split across ranks (`bt_trl/core/ranks.py`): scoring and trace collection by shares of the examples, the prompt
 optimizer's generation batches across all ranks, its program broadcast from the main rank.
 
 `callback.train_dataset` is a `datasets.IterableDataset` that reads the current rows at the start of every epoch, so
@@ -38,8 +38,10 @@ from transformers import TrainerCallback
 from trl.distributed import DistributedBackend
 from trl.models.utils import add_hooks, remove_hooks
 
-from .data import check_examples, check_metric, to_examples
-from .engine import (
+from bt_trl.core.data import check_examples, check_metric, to_examples
+from bt_trl.core.ranks import Ranks
+from bt_trl.core.runner import ProgramRunner, program_adapter, served_program
+from bt_trl.serving.engine import (
     GenerationSettings,
     TransformersBackend,
     eval_mode,
@@ -47,10 +49,8 @@ from .engine import (
     serving_lm,
     weights_fingerprint,
 )
-from .prompt_step import default_prompt_optimizer, optimize_prompts
-from .ranks import Ranks
-from .runner import ProgramRunner, program_adapter, served_program
-from .weight_step import FORMAT_ROW, traces_to_dataset
+from bt_trl.steps.prompt import default_prompt_optimizer, optimize_prompts
+from bt_trl.steps.sft import FORMAT_ROW, traces_to_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
-from .engine import GenerationSettings
-from .vllm_backend import check_vllm_usable
-from .strategy import parse_strategy
+from bt_trl.serving.engine import GenerationSettings
+from bt_trl.serving.vllm import check_vllm_usable
+from bt_trl.steps.strategy import parse_strategy
 
 W_STEP_INITS = ("continue", "base")
 GENERATION_BACKENDS = ("transformers", "vllm")
@@ -168,8 +168,8 @@ class BetterTogetherConfig(SFTConfig):
         default=None, metadata={"help": "Columns of a datasets.Dataset trainset/valset that are program inputs."}
     )
 
-    # Overridden SFTConfig defaults (bf16 too: see __post_init__): every w step trains on conversational prompt/completion data built from traces,
-    # with the loss on the completions (the module's outputs) only.
+    # Overridden SFTConfig defaults (bf16 too: see __post_init__): every w step trains on conversational
+    # prompt/completion data built from traces, with the loss on the completions (the module's outputs) only.
     completion_only_loss: bool | None = field(
         default=True,
         metadata={"help": "Loss on the completion (module outputs) only; the prompt (instructions, inputs) is masked."},

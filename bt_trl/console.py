@@ -34,7 +34,7 @@ from dspy.utils.exceptions import AdapterParseError
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .results import RunState, StepResult, results_header, results_row
+from bt_trl.core.results import RunState, StepResult, results_header, results_row
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class RunConsole:
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         routed = {name: logging.getLogger(name) for name in (*LIBRARY_LOGGERS, "bt_trl")}
         saved = {name: (list(lg.handlers), lg.propagate, lg.level) for name, lg in routed.items()}
-        for name, lg in routed.items():
+        for lg in routed.values():
             lg.handlers = [file_handler]
             lg.propagate = False
         bt_logger = routed["bt_trl"]

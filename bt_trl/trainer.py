@@ -20,22 +20,29 @@ from trl import SFTTrainer
 from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
 
-from .config import BetterTogetherConfig
-from . import hub
-from .console import RunConsole
-from .data import check_examples, check_metric, to_examples, warn_shared_examples
-from .interrupts import interruptible
-from .engine import (
-    LM_PREFIX, EngineStats, GenerationBackend, TransformersBackend, eval_mode, lm_name, serving_lm, weights_fingerprint,
+from bt_trl.config import BetterTogetherConfig
+from bt_trl.console import RunConsole
+from bt_trl.core.data import check_examples, check_metric, to_examples, warn_shared_examples
+from bt_trl.core.interrupts import interruptible
+from bt_trl.core.ranks import Ranks, end_job
+from bt_trl.core.results import RunState, StepResult, write_results
+from bt_trl.core.runner import ProgramRunner, RunSummary, configured_adapter, program_adapter, served_program
+from bt_trl.integrations import hub
+from bt_trl.serving.engine import (
+    LM_PREFIX,
+    EngineStats,
+    GenerationBackend,
+    TransformersBackend,
+    eval_mode,
+    lm_name,
+    serving_lm,
+    weights_fingerprint,
 )
-from .models import resolve_model_name_or_path
-from .prompt_step import default_prompt_optimizer, expected_program_calls, optimize_prompts
-from .ranks import Ranks, end_job
-from .results import RunState, StepResult, write_results
-from .runner import ProgramRunner, RunSummary, configured_adapter, program_adapter, served_program
-from .strategy import PROMPT_STEP, WEIGHT_STEP
-from .vllm_backend import VLLMBackend
-from .weight_step import FORMAT_ROW, TraceDataset, traces_to_dataset
+from bt_trl.serving.models import resolve_model_name_or_path
+from bt_trl.serving.vllm import VLLMBackend
+from bt_trl.steps.prompt import default_prompt_optimizer, expected_program_calls, optimize_prompts
+from bt_trl.steps.sft import FORMAT_ROW, TraceDataset, traces_to_dataset
+from bt_trl.steps.strategy import PROMPT_STEP, WEIGHT_STEP
 
 logger = logging.getLogger(__name__)
 
@@ -466,7 +473,7 @@ class BetterTogetherTrainer(SFTTrainer):
         return f"step_{index}_{kind}"
 
     # ------------------------------------------------------------------------------------------------------------
-    # Hugging Face Hub: the run's result is pushed once, when it is complete (layout and loading: bt_trl/hub.py)
+    # Hugging Face Hub: the run's result is pushed once, when it is complete (layout and loading: integrations/hub.py)
     # ------------------------------------------------------------------------------------------------------------
 
     # The `bt_trl.tasks` name the program comes from (scripts/train.py sets it). Pushed repositories record it, so that
@@ -475,7 +482,7 @@ class BetterTogetherTrainer(SFTTrainer):
 
     def end(self) -> None:
         """Finishes the trackers and destroys the process group so that a multi-process job exits cleanly
-        (`bt_trl.ranks.end_job`); call it last, after `train()`, `evaluate_program()` and `push_to_hub()`."""
+        (`bt_trl.core.ranks.end_job`); call it last, after `train()`, `evaluate_program()` and `push_to_hub()`."""
         end_job(self)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -20,9 +20,9 @@ import dspy
 from peft import LoraConfig
 
 from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, BetterTogetherTrainer
-from bt_trl.runner import ProgramCall
+from bt_trl.core.runner import ProgramCall
+from bt_trl.steps.sft import traces_to_dataset
 from bt_trl.tasks import iris
-from bt_trl.weight_step import traces_to_dataset
 
 MODULES = {"predict": dspy.Predict, "chain_of_thought": dspy.ChainOfThought}
 # (module, labeled demos, temperature): demos are balanced across the species, the first flowers of each.

@@ -21,9 +21,9 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from bt_trl import resolve_model_name_or_path
 from bt_trl.callbacks import BetterTogetherCallback
-from bt_trl.engine import GenerationSettings
-from bt_trl.hub import PROGRAM_FILE, save_program
-from bt_trl.ranks import end_job
+from bt_trl.core.ranks import end_job
+from bt_trl.integrations.hub import PROGRAM_FILE, save_program
+from bt_trl.serving.engine import GenerationSettings
 from bt_trl.tasks import iris
 
 

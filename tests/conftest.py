@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from bt_trl.models import embedded_model_path
+from bt_trl.serving.models import embedded_model_path
 from bt_trl.tasks import iris
 
 

@@ -21,9 +21,9 @@ from trl import SFTConfig, SFTTrainer
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
 from bt_trl.callbacks import BetterTogetherCallback
-from bt_trl.engine import GenerationSettings
-from bt_trl.models import embedded_model_path
-from bt_trl.ranks import end_job
+from bt_trl.core.ranks import end_job
+from bt_trl.serving.engine import GenerationSettings
+from bt_trl.serving.models import embedded_model_path
 from bt_trl.tasks import iris
 
 
@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--die_after_step", type=int)
     parser.add_argument("--die_rank", type=int, default=1)
     parser.add_argument("--deepspeed_on_cpu", action="store_true",
-                        help="for DeepSpeed configs with DS_ACCELERATOR=cpu: use_cpu would make accelerate skip DeepSpeed")
+                        help="for DeepSpeed configs with DS_ACCELERATOR=cpu: use_cpu would make accelerate skip "
+                        "DeepSpeed")
     parser.add_argument("--optimizer", choices=("random_search", "bootstrap"), default="random_search",
                         help="random_search: the default p step (concurrent candidate scoring, so its batches are "
                              "split across ranks); bootstrap: BootstrapFewShot, whose programs get the model's "
@@ -79,7 +80,8 @@ def main() -> None:
     if cli.callback:
         return run_callback(cli, tokenizer)
     args = BetterTogetherConfig(
-        cli.output_dir, strategy="p -> w -> p", use_cpu=not cli.deepspeed_on_cpu, report_to="none", num_candidate_programs=1,
+        cli.output_dir, strategy="p -> w -> p", use_cpu=not cli.deepspeed_on_cpu, report_to="none",
+        num_candidate_programs=1,
         max_bootstrapped_demos=2, max_labeled_demos=2, generation_max_tokens=48, num_threads=8, num_train_epochs=2,
         per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_strategy="no",
         gradient_checkpointing=False, max_length=1024, seed=0,

@@ -11,7 +11,7 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from bt_trl.callbacks import BetterTogetherCallback
-from bt_trl.engine import GenerationSettings
+from bt_trl.serving.engine import GenerationSettings
 from bt_trl.tasks import iris
 
 

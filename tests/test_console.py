@@ -7,11 +7,12 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+import tomllib
+from conftest import tiny_model
 from matplotlib.image import imread
 from peft import LoraConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,9 +20,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer, load_program
 from bt_trl.cli import main as bt_trl_main
 from bt_trl.console import RunConsole
-from bt_trl.runner import ProgramRunner
+from bt_trl.core.runner import ProgramRunner
 from bt_trl.tasks import iris
-from conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_the_session_routes_library_output_to_run_log_and_shows_warnings_once(tm
         warnings.simplefilter("always")  # every occurrence reaches the session, not only the first of each line
         for _ in range(3):
             logging.getLogger("bt_trl.trainer").warning("w step %d: nothing to train on", 2)
-            warnings.warn(message, UserWarning)
+            warnings.warn(message, UserWarning, stacklevel=1)
         logging.getLogger("transformers.trainer").warning("a library's warning")
         print("a library's print")
         console.begin("step 1/1 p", 10)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import dspy
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import bt_trl
-from bt_trl.dspy_lm import ENGINE_CLASS
+from bt_trl.integrations.dspy_lm import ENGINE_CLASS
 from bt_trl.tasks import iris
 
 TRAIN_KWARGS = {"num_train_epochs": 3, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "lora_r": 8,

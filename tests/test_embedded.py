@@ -13,7 +13,7 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 
 from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, BetterTogetherTrainer
-from bt_trl.models import embedded_model_path
+from bt_trl.serving.models import embedded_model_path
 from bt_trl.tasks import iris
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,17 @@ from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 
 from bt_trl.config import BetterTogetherConfig
-from bt_trl.engine import (
-    BatchingEngine, GenerationSettings, SamplingParams, TransformersBackend, lm_name, serving_lm, weights_fingerprint,
+from bt_trl.serving.engine import (
+    BatchingEngine,
+    GenerationSettings,
+    SamplingParams,
+    TransformersBackend,
+    lm_name,
+    serving_lm,
+    weights_fingerprint,
 )
+from bt_trl.serving.vllm import VLLMBackend
 from bt_trl.tasks import iris
-from bt_trl.vllm_backend import VLLMBackend
 
 
 def iris_prompts(n, demos=3):
@@ -76,7 +82,7 @@ def test_mixed_sampling_parameters_in_one_batch(format_model, tokenizer):
 
 def test_row_sampling_processor():
     """Each row's own temperature and top-p; greedy rows keep only their argmax."""
-    from bt_trl.engine import _RowSampling
+    from bt_trl.serving.engine import _RowSampling
 
     probs = torch.tensor([[0.15, 0.5, 0.3, 0.05]] * 3)
     params = [SamplingParams(max_tokens=1), SamplingParams(max_tokens=1, temperature=1.0, top_p=0.7),

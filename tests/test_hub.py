@@ -23,14 +23,14 @@ from urllib.parse import unquote, urlsplit
 
 import dspy
 import pytest
+from conftest import tiny_model
 from dspy.utils.exceptions import AdapterParseError
 from huggingface_hub import constants
 from peft import LoraConfig
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer, load_program
-from bt_trl.hub import HubError, RunMetadata, load_program_state
+from bt_trl.integrations.hub import HubError, RunMetadata, load_program_state
 from bt_trl.tasks import iris
-from conftest import tiny_model
 
 TOKEN = "hf_local_test_token"
 USER = "tester"

@@ -13,10 +13,11 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 from trl import ModelConfig
 
-from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, resolve_model_name_or_path
-from bt_trl import hub, install, models
-from bt_trl.models import EMBEDDED_MODELS, EmbeddedModel, Part, Upstream, embedded_model_path
+from bt_trl import EMBEDDED_MODEL, BetterTogetherConfig, install, resolve_model_name_or_path
 from bt_trl.cli import train
+from bt_trl.integrations import hub
+from bt_trl.serving import models
+from bt_trl.serving.models import EMBEDDED_MODELS, EmbeddedModel, Part, Upstream, embedded_model_path
 
 
 def make_part_packages(root: Path, chunks: list[bytes], stem: str = "bt_trl_fake_part") -> tuple[Part, ...]:

@@ -8,12 +8,12 @@ import pytest
 import torch
 import tqdm
 
-from bt_trl import concurrent_search
-from bt_trl.batched_bootstrap import BatchedBootstrapFewShot
-from bt_trl.concurrent_search import ConcurrentRandomSearch
-from bt_trl.engine import GenerationSettings, TransformersBackend, serving_lm
-from bt_trl.prompt_step import as_batched, default_prompt_optimizer, optimize_prompts
-from bt_trl.runner import program_adapter
+from bt_trl.core.runner import program_adapter
+from bt_trl.serving.engine import GenerationSettings, TransformersBackend, serving_lm
+from bt_trl.steps import random_search as concurrent_search
+from bt_trl.steps.bootstrap import BatchedBootstrapFewShot
+from bt_trl.steps.prompt import as_batched, default_prompt_optimizer, optimize_prompts
+from bt_trl.steps.random_search import ConcurrentRandomSearch
 from bt_trl.tasks import iris
 
 

@@ -10,9 +10,9 @@ from conftest import TwoStepIris, tiny_model
 from llguidance import LLMatcher
 from llguidance.hf import from_tokenizer
 
-from bt_trl.engine import GenerationSettings, SamplingParams, TransformersBackend, serving_lm
-from bt_trl.runner import ProgramRunner, program_adapter
-from bt_trl.structured import chat_fields_format, output_grammar, structured_adapter, writes_chat_fields
+from bt_trl.core.runner import ProgramRunner, program_adapter
+from bt_trl.serving.engine import GenerationSettings, SamplingParams, TransformersBackend, serving_lm
+from bt_trl.serving.structured import chat_fields_format, output_grammar, structured_adapter, writes_chat_fields
 from bt_trl.tasks import iris
 
 

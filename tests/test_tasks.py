@@ -2,11 +2,9 @@
 `bt-trl reproduce` on a real grid."""
 
 import json
-import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -19,13 +17,13 @@ from trl import ModelConfig
 
 import bt_trl
 from bt_trl import BetterTogetherConfig
-from bt_trl.engine import GenerationSettings, TransformersBackend, serving_lm
-from bt_trl.hub import load_program_state
-from bt_trl.runner import ProgramRunner
-from bt_trl.tasks import get_task, gsm8k, hotpotqa, iris, load_task
-from bt_trl.tasks.retrieval import BM25Retriever
 from bt_trl.cli import reproduce
 from bt_trl.cli.train import TaskArguments
+from bt_trl.core.runner import ProgramRunner
+from bt_trl.integrations.hub import load_program_state
+from bt_trl.serving.engine import GenerationSettings, TransformersBackend, serving_lm
+from bt_trl.tasks import get_task, gsm8k, hotpotqa, iris, load_task
+from bt_trl.tasks.retrieval import BM25Retriever
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K_DIR = DATA / "gsm8k"

@@ -9,7 +9,7 @@ from dspy.utils.exceptions import AdapterParseError
 from peft import LoraConfig
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer, load_program
-from bt_trl.runner import ModuleParseError
+from bt_trl.core.runner import ModuleParseError
 from bt_trl.tasks import iris
 
 SEED = 1  # the random base model, rebuilt identically for load_program

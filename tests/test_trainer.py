@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
-from bt_trl.results import STATE_FILE
+from bt_trl.core.results import STATE_FILE
 from bt_trl.tasks import iris
 
 

@@ -6,10 +6,10 @@ import dspy
 import pytest
 from conftest import TwoStepIris, tiny_model
 
-from bt_trl.engine import GenerationSettings, TransformersBackend, serving_lm
-from bt_trl.runner import ProgramRunner
+from bt_trl.core.runner import ProgramRunner
+from bt_trl.serving.engine import GenerationSettings, TransformersBackend, serving_lm
+from bt_trl.steps.sft import traces_to_dataset
 from bt_trl.tasks import iris
-from bt_trl.weight_step import traces_to_dataset
 
 SETTINGS = GenerationSettings(max_tokens=48, max_batch_size=8)
 
@@ -117,5 +117,5 @@ def test_metric_threshold_decides_what_passes(format_model, tokenizer):
 
 @pytest.mark.parametrize("value, expected", [(True, 1.0), (False, 0.0), (0.25, 0.25)])
 def test_metric_values_are_scores(value, expected):
-    from bt_trl.runner import metric_score
+    from bt_trl.core.runner import metric_score
     assert metric_score(value, None) == expected

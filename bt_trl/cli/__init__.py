@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from argparse import ArgumentParser
 
-from ..interrupts import interruptible
+from bt_trl.core.interrupts import interruptible
 
 COMMANDS = {
     "train": "run a BetterTogether strategy on a task, then score the best program on its test set",
@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv[:1])  # exits, naming the valid commands
     name, rest = argv[0], argv[1:]
     if name == "train":
-        from .train import run
+        from bt_trl.cli.train import run
     elif name == "reproduce":
-        from .reproduce import run
+        from bt_trl.cli.reproduce import run
     else:
-        from .evaluate import run
+        from bt_trl.cli.evaluate import run
     with interruptible():
         try:
             return run(rest, prog=f"bt-trl {name}")

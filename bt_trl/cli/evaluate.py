@@ -17,11 +17,11 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from ..console import RunConsole
-from ..engine import GenerationSettings
-from ..hub import load_program
-from ..runner import ProgramRunner
-from .train import TaskArguments
+from bt_trl.cli.train import TaskArguments
+from bt_trl.console import RunConsole
+from bt_trl.core.runner import ProgramRunner
+from bt_trl.integrations.hub import load_program
+from bt_trl.serving.engine import GenerationSettings
 
 SPLITS = ("train", "val", "test")
 

@@ -40,14 +40,14 @@ from pathlib import Path
 
 from trl import ModelConfig, TrlParser
 
-from ..config import BetterTogetherConfig
-from ..interrupts import raise_if_interrupted
-from ..models import EMBEDDED_MODEL, check_model_name_or_path
-from ..results import RunState, StepResult
-from ..strategy import parse_strategy
-from ..tasks import Task
-from ..trainer import BetterTogetherTrainer
-from .train import SUMMARY_FILE, TaskArguments, build_trainer, train_and_test
+from bt_trl.cli.train import SUMMARY_FILE, TaskArguments, build_trainer, train_and_test
+from bt_trl.config import BetterTogetherConfig
+from bt_trl.core.interrupts import raise_if_interrupted
+from bt_trl.core.results import RunState, StepResult
+from bt_trl.serving.models import EMBEDDED_MODEL, check_model_name_or_path
+from bt_trl.steps.strategy import parse_strategy
+from bt_trl.tasks import Task
+from bt_trl.trainer import BetterTogetherTrainer
 
 VANILLA = "vanilla"
 STRATEGIES = (VANILLA, "p", "w", "p -> w", "w -> p", "p -> w -> p")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from ..config import BetterTogetherConfig
-from ..models import EMBEDDED_MODEL, check_model_name_or_path
-from ..tasks import TASKS, Task, load_task
-from ..trainer import BetterTogetherTrainer
+from bt_trl.config import BetterTogetherConfig
+from bt_trl.serving.models import EMBEDDED_MODEL, check_model_name_or_path
+from bt_trl.tasks import TASKS, Task, load_task
+from bt_trl.trainer import BetterTogetherTrainer
 
 SUMMARY_FILE = "summary.json"
 
@@ -88,7 +88,7 @@ def main(task_args: TaskArguments, args: BetterTogetherConfig, model_args: Model
     task = task_args.load()
     trainer = build_trainer(task, args, model_args)
     summary = train_and_test(trainer, task)
-    trainer.end()  # under `accelerate launch`, the job exits cleanly (bt_trl.ranks.end_job)
+    trainer.end()  # under `accelerate launch`, the job exits cleanly (bt_trl.core.ranks.end_job)
     return summary
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dspy
 from dspy.datasets.gsm8k import gsm8k_metric
 
-from .sources import read_records, split_examples
+from bt_trl.tasks.sources import read_records, split_examples
 
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"

@@ -22,8 +22,8 @@ import datasets
 import dspy
 from dspy.evaluate import answer_exact_match
 
-from .retrieval import BM25Retriever, ColBERTv2Retriever, Retriever, parse_retriever
-from .sources import Records, read_records, split_examples
+from bt_trl.tasks.retrieval import BM25Retriever, ColBERTv2Retriever, Retriever, parse_retriever
+from bt_trl.tasks.sources import Records, read_records, split_examples
 
 HUB_ID = "hotpotqa/hotpot_qa"
 HUB_CONFIG = "distractor"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dspy
 
-from .iris import IrisSignature, load_examples, load_splits, metric
+from bt_trl.tasks.iris import IrisSignature, load_examples, load_splits, metric
 
 __all__ = ["IrisSignature", "load_examples", "load_splits", "metric", "program"]
 

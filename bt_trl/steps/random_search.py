@@ -27,7 +27,7 @@ from dspy.teleprompt import BootstrapFewShotWithRandomSearch
 from dspy.teleprompt import random_search as dspy_random_search
 from dspy.utils.parallelizer import ParallelExecutor
 
-from .batched_bootstrap import BatchedBootstrapFewShot
+from bt_trl.steps.bootstrap import BatchedBootstrapFewShot
 
 _SEED_OF_FIRST_CANDIDATE = -3  # DSPy's seeds: -3 zero-shot, -2 labeled only, -1 unshuffled, 0.. shuffled
 _bootstrapping_class_lock = threading.Lock()

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import datasets
 import dspy
 
-from .runner import ProgramCall, RunSummary, program_adapter
-
+from bt_trl.core.runner import ProgramCall, RunSummary, program_adapter
 
 # `SFTTrainer` needs a train dataset at construction and fixes its collator from the first row. Every w step trains
 # on conversational prompt/completion rows built from traces; this row declares that format until the first traces.

@@ -1,9 +1,9 @@
 """The one place where a DSPy program is run over a list of examples.
 
 Valset scoring and trace collection both go through `ProgramRunner.run`; under several ranks each rank runs a share
-of the examples and every rank gets all the results (see `bt_trl/ranks.py`). Runtime faults of single calls — an output the adapter cannot
-parse, a metric that raises, any other program error — are caught per example, counted by kind, and never stop the
-run.
+of the examples and every rank gets all the results (see `core/ranks.py`). Runtime faults of single calls — an
+output the adapter cannot parse, a metric that raises, any other program error — are caught per example, counted by
+kind, and never stop the run.
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from .interrupts import raise_if_interrupted
-from .ranks import Ranks
-from .structured import structured_adapter
+from bt_trl.core.interrupts import raise_if_interrupted
+from bt_trl.core.ranks import Ranks
+from bt_trl.serving.structured import structured_adapter
 
 logger = logging.getLogger(__name__)
 

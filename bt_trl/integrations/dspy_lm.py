@@ -41,12 +41,19 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from safetensors.torch import save_file
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
-from .config import BetterTogetherConfig
-from .engine import LM_PREFIX, BatchingEngine, Generation, GenerationSettings, SamplingParams, TransformersBackend
-from .engine import weights_fingerprint
-from .hub import ADAPTER_WEIGHTS_FILE, checked_program_state, portable_model_id, program_state
-from .models import EMBEDDED_MODEL, check_model_name_or_path, resolve_model_name_or_path
-from .weight_step import chat_row, rows_to_dataset
+from bt_trl.config import BetterTogetherConfig
+from bt_trl.integrations.hub import ADAPTER_WEIGHTS_FILE, checked_program_state, portable_model_id, program_state
+from bt_trl.serving.engine import (
+    LM_PREFIX,
+    BatchingEngine,
+    Generation,
+    GenerationSettings,
+    SamplingParams,
+    TransformersBackend,
+    weights_fingerprint,
+)
+from bt_trl.serving.models import EMBEDDED_MODEL, check_model_name_or_path, resolve_model_name_or_path
+from bt_trl.steps.sft import chat_row, rows_to_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +67,8 @@ DEFAULT_TRAIN_KWARGS = {
 }
 BASE, ADAPTER, FULL = "base", "adapter", "full"
 # The engine class path DSPy records in a program file; the only one `load_dspy_program` accepts.
-ENGINE_CLASS = "bt_trl.dspy_lm:ModelEngine"
+ENGINE_CLASS = "bt_trl.integrations.dspy_lm:ModelEngine"
+ENGINE_CLASSES = (ENGINE_CLASS, "bt_trl.dspy_lm:ModelEngine")  # and where program files saved before 0.2 name it
 # The LM state keys `program.save` writes for this LM (DSPy's `LM.dump_state`); anything else is refused on load.
 LM_STATE_KEYS = {
     "_dspy_lm_class", "model", "model_type", "cache", "num_retries", "temperature", "max_tokens", "engine",
@@ -74,12 +82,12 @@ def lm(model: str = EMBEDDED_MODEL, *, max_tokens: int = 256, temperature: float
     """A `dspy.LM` generating in process from `model`, fine-tunable by DSPy's weight optimizers.
 
     Args:
-        model: `embedded:<name>` (see `bt_trl.models`), a Hub id or a local folder (safetensors weights only).
+        model: `embedded:<name>` (see `bt_trl.serving.models`), a Hub id or a local folder (safetensors weights only).
         max_tokens, temperature: the LM's defaults, as for `dspy.LM`.
         batch_size, batch_wait: concurrent calls are generated together, up to `batch_size`; a batch starts once no
             request has arrived for `batch_wait` seconds.
         structured: generate each call inside the output format it asks for (`response_format`, see
-            `bt_trl/structured.py`); the engine then declares `response_format` support.
+            `bt_trl/serving/structured.py`); the engine then declares `response_format` support.
         train_kwargs: defaults of `finetune` jobs: any `SFTConfig` field, and `use_peft` (default True), `lora_r`,
             `lora_alpha`, `lora_dropout`, `lora_target_modules` (TRL's `ModelConfig` names). The project's SFT
             defaults apply below them (`BetterTogetherConfig`: completion-only loss, learning rate 1e-4, ...).
@@ -409,7 +417,7 @@ class ModelProvider(Provider):
 def load_dspy_program(path: str | Path, program: dspy.Module) -> dspy.Module:
     """`program` with the state `program.save(path)` wrote, its LMs (`bt_trl.lm`s) rebuilt and fine-tunable again.
 
-    The file is parsed as JSON and checked (see `bt_trl.hub.load_program_state`); each module's LM must be a
+    The file is parsed as JSON and checked (see `integrations.hub.load_program_state`); each module's LM must be a
     `bt_trl.lm` state (DSPy's LM with bt_trl's engine, only the keys DSPy saves for it). No class named by the file
     is imported, nothing is unpickled, weights are read from safetensors only. Modules that shared an LM share one
     engine (one model in memory) again. `program` itself is not modified.
@@ -421,7 +429,7 @@ def load_dspy_program(path: str | Path, program: dspy.Module) -> dspy.Module:
             "_dspy_lm_class"
         ) != "dspy.clients.lm.LM" or not isinstance(lm_state.get("engine"), dict) or lm_state["engine"].get(
             "class"
-        ) != ENGINE_CLASS or set(lm_state["engine"]) != {"class", "state"}:
+        ) not in ENGINE_CLASSES or set(lm_state["engine"]) != {"class", "state"}:
             raise ValueError(f"{path}: module {module!r} has an LM that is not a bt_trl.lm; only bt_trl.lm states "
                              f"are loaded (keys {sorted(LM_STATE_KEYS)}, engine {ENGINE_CLASS})")
         check_train_kwargs(lm_state.get("train_kwargs") or {})

@@ -29,16 +29,15 @@ from typing import Any
 import dspy
 import httpx2
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token
-from huggingface_hub import snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from .engine import GenerationSettings, TransformersBackend, lm_name, serving_lm, weights_fingerprint
-from .models import EMBEDDED_PREFIX, embedded_model, embedded_name, resolve_model_name_or_path
-from .results import STATE_FILE, RunState, results_markdown
-from .runner import default_adapter, served_program
-from .structured import structured_adapter
-from .tasks import get_task
+from bt_trl.core.results import STATE_FILE, RunState, results_markdown
+from bt_trl.core.runner import default_adapter, served_program
+from bt_trl.serving.engine import GenerationSettings, TransformersBackend, lm_name, serving_lm, weights_fingerprint
+from bt_trl.serving.models import EMBEDDED_PREFIX, embedded_model, embedded_name, resolve_model_name_or_path
+from bt_trl.serving.structured import structured_adapter
+from bt_trl.tasks import get_task
 
 PROGRAM_FILE = "program.json"
 METADATA_FILE = "bettertogether.json"
@@ -143,8 +142,8 @@ def hub_errors(action: str, output_dir: str | Path | None = None) -> Iterator[No
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
-            cause = ("the Hub refused the token (HTTP {}): use a token with write access to the repository"
-                     .format(status))
+            cause = (f"the Hub refused the token (HTTP {status}): use a token with write access to the repository"
+                     )
         elif status == 404:
             cause = "not found (HTTP 404): check the repository id, the revision and that the token can read it"
         else:

@@ -17,10 +17,10 @@ import sys
 import dspy
 from dspy.teleprompt import BootstrapFewShot, BootstrapFewShotWithRandomSearch, LabeledFewShot, Teleprompter
 
-from .interrupts import raise_if_interrupted
-from .batched_bootstrap import BatchedBootstrapFewShot
-from .concurrent_search import ConcurrentRandomSearch
-from .runner import program_adapter
+from bt_trl.core.interrupts import raise_if_interrupted
+from bt_trl.core.runner import program_adapter
+from bt_trl.steps.bootstrap import BatchedBootstrapFewShot
+from bt_trl.steps.random_search import ConcurrentRandomSearch
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from .engine import COMPLETION_MARKER, Generation, SamplingParams, encode_chats
+from bt_trl.serving.engine import COMPLETION_MARKER, Generation, SamplingParams, encode_chats
 
 
 def check_vllm_usable() -> None:
@@ -79,7 +79,7 @@ class VLLMBackend:
             max_model_len=max_model_length,
             enable_prefix_caching=True,
             seed=seed,
-            structured_outputs_config={"backend": "guidance"},  # the grammar library of bt_trl/structured.py
+            structured_outputs_config={"backend": "guidance"},  # the grammar library of bt_trl/serving/structured.py
             # Under accelerate launch every rank runs its own engine on its own GPU (TRL's colocate mode).
             distributed_executor_backend="external_launcher" if multi_process else None,
             **lora,

@@ -33,7 +33,7 @@ import torch
 from dspy.lm15 import Message, Response, TextPart, Usage
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .structured import COMPLETION_MARKER, GrammarConstraint, OutputGrammar, output_grammar
+from bt_trl.serving.structured import COMPLETION_MARKER, GrammarConstraint, OutputGrammar, output_grammar
 
 # DSPy LM names of served weights are LM_PREFIX + the weights' name (see lm_name).
 LM_PREFIX = "bt_trl/"
@@ -285,7 +285,7 @@ class BatchingEngine:
     DSPy 3.4 asks a custom engine for one candidate per `complete()`: a call with `n=3` arrives as three requests in
     a row from the same thread, each batched with whatever the other threads are waiting on.
 
-    A request's `response_format` is always honoured (see `bt_trl/structured.py`). With `structured_outputs` the
+    A request's `response_format` is always honoured (see `bt_trl/serving/structured.py`). With `structured_outputs` the
     engine also declares it supports one, the DSPy way (`supports_response_schema`, `supported_params`): then
     JSONAdapter sends its JSON schema, and the adapters of `structured.structured_adapter` send ChatAdapter's format.
     """

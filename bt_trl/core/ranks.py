@@ -27,7 +27,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from transformers import Trainer
 
-from .engine import EngineStats, Generation, GenerationBackend, SamplingParams
+from bt_trl.serving.engine import EngineStats, Generation, GenerationBackend, SamplingParams
 
 T = TypeVar("T")
 R = TypeVar("R")
