@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
 
 import torch
 from trl import SFTConfig
 
-from bt_trl.serving.engine import GenerationSettings
-from bt_trl.serving.vllm import check_vllm_usable
+from bt_trl.serving.settings import GenerationSettings
 from bt_trl.steps.strategy import parse_strategy
 
 W_STEP_INITS = ("continue", "base")
@@ -179,8 +179,7 @@ class BetterTogetherConfig(SFTConfig):
     )
 
     def generation_settings(self) -> GenerationSettings:
-        return GenerationSettings(self.generation_max_tokens, self.generation_temperature,
-                                  self.generation_batch_size, self.generation_batch_wait, self.structured_generation)
+        return bettertogether_settings(self).generation
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
@@ -205,5 +204,22 @@ class BetterTogetherConfig(SFTConfig):
             )
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        if self.generation_backend == "vllm":
-            check_vllm_usable()
+
+
+# The fields BetterTogetherConfig adds to SFTConfig (and the two defaults it overrides).
+BETTERTOGETHER_FIELDS = tuple(f.name for f in fields(BetterTogetherConfig) if f.name not in
+                              {f.name for f in fields(SFTConfig)})
+
+
+def bettertogether_settings(args: SFTConfig) -> SimpleNamespace:
+    """The BetterTogether settings of a trainer's `args`: its own when it is a `BetterTogetherConfig`, else that
+    class's defaults (a callback on a plain `SFTConfig`); `generation` is the `GenerationSettings` they make."""
+    if isinstance(args, BetterTogetherConfig):
+        values = {name: getattr(args, name) for name in BETTERTOGETHER_FIELDS}
+    else:
+        values = {f.name: f.default for f in fields(BetterTogetherConfig) if f.name in BETTERTOGETHER_FIELDS}
+    settings = SimpleNamespace(**values)
+    settings.generation = GenerationSettings(
+        settings.generation_max_tokens, settings.generation_temperature, settings.generation_batch_size,
+        settings.generation_batch_wait, settings.structured_generation)
+    return settings

@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from bt_trl.core.results import RunState, StepResult, results_header, results_row
+from bt_trl.core.runner import passes
 
 logger = logging.getLogger(__name__)
 
@@ -237,8 +238,7 @@ class RunConsole:
         @functools.wraps(metric)
         def counted(example, prediction, trace=None):
             value = metric(example, prediction, trace)
-            passed = value >= metric_threshold if metric_threshold is not None else bool(value)
-            if passed:
+            if passes(value, metric_threshold):
                 with self._lock:
                     if self._progress is not None:
                         self._progress.passing += 1

@@ -4,44 +4,46 @@ import logging
 import os
 import time
 import warnings
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import datasets
 import dspy
+from dspy.teleprompt import Teleprompter
 from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file
-from transformers import set_seed
+from transformers import PreTrainedModel, set_seed
 from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
 from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
 from trl.distributed import DistributedBackend
-from trl.models import unwrap_model_for_generation
 
 from bt_trl.config import BetterTogetherConfig
 from bt_trl.console import RunConsole
-from bt_trl.core.data import check_examples, check_metric, to_examples, warn_shared_examples
+from bt_trl.core.data import checked_inputs, to_examples
 from bt_trl.core.interrupts import interruptible
+from bt_trl.core.live import gathered_parameters, model_for_generation, serve_program
 from bt_trl.core.ranks import Ranks, end_job
-from bt_trl.core.results import RunState, StepResult, write_results
-from bt_trl.core.runner import ProgramRunner, RunSummary, configured_adapter, program_adapter, served_program
+from bt_trl.core.results import RunState, StepResult, step_dir_name, write_results
+from bt_trl.core.runner import ProgramRunner, RunSummary, ServedProgram, configured_adapter
 from bt_trl.integrations import hub
 from bt_trl.serving.engine import (
     LM_PREFIX,
     EngineStats,
     GenerationBackend,
     TransformersBackend,
-    eval_mode,
     lm_name,
     serving_lm,
     weights_fingerprint,
 )
 from bt_trl.serving.models import resolve_model_name_or_path
-from bt_trl.serving.vllm import VLLMBackend
-from bt_trl.steps.prompt import default_prompt_optimizer, expected_program_calls, optimize_prompts
-from bt_trl.steps.sft import FORMAT_ROW, TraceDataset, traces_to_dataset
+from bt_trl.serving.vllm import VLLMBackend, check_vllm_usable
+from bt_trl.steps.prompt import default_prompt_optimizer, expected_program_calls, prompt_step
+from bt_trl.steps.sft import FORMAT_ROW, TraceDataset, collect_traces, finetune_on
 from bt_trl.steps.strategy import PROMPT_STEP, WEIGHT_STEP
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,25 @@ SFT_DATASET_FILE = "sft_dataset.jsonl"
 class BetterTogetherTrainer(SFTTrainer):
     """BetterTogether (Soylu, Potts, Khattab, 2024): alternate prompt and weight optimization of a DSPy program on the
     model this trainer trains.
+
+    Example:
+
+    ```python
+    import dspy
+    from peft import LoraConfig
+    from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
+
+    trainer = BetterTogetherTrainer(
+        model="embedded:smollm2-135m",
+        args=BetterTogetherConfig("out/iris", strategy="p -> w -> p", use_cpu=True),
+        program=dspy.Predict("sepal_length, sepal_width, petal_length, petal_width -> species"),
+        metric=lambda example, prediction, trace=None: prediction.species == example.species,
+        trainset=trainset, valset=valset,
+        peft_config=LoraConfig(target_modules="all-linear"),
+    )
+    trainer.train()
+    trainer.program(sepal_length=5.1, sepal_width=3.5, petal_length=1.4, petal_width=0.2)
+    ```
 
     Args:
         model: as for `SFTTrainer` (Hub id, local path, `PreTrainedModel` or `PeftModel`); `None` is the embedded
@@ -74,23 +95,27 @@ class BetterTogetherTrainer(SFTTrainer):
     _tag_names = ["trl", "sft", "dspy", "bettertogether"]
     _name = "BetterTogether"
 
-    def __init__(self, model=None, args: BetterTogetherConfig | None = None, program: dspy.Module | None = None,
-                 metric=None, trainset=None, valset=None, prompt_optimizer=None, **kwargs):
+    def __init__(
+        self,
+        model: str | PreTrainedModel | PeftModel | None = None,
+        args: BetterTogetherConfig | None = None,
+        program: dspy.Module | None = None,
+        metric: Callable[..., Any] | None = None,
+        trainset: Sequence[dspy.Example] | datasets.Dataset | None = None,
+        valset: Sequence[dspy.Example] | datasets.Dataset | None = None,
+        prompt_optimizer: Teleprompter | None = None,
+        **kwargs,
+    ):
         # Everything the user gave is checked before the model is loaded or anything is generated.
         if args is None:
             args = BetterTogetherConfig("BetterTogether")
         if not isinstance(args, BetterTogetherConfig):
             raise TypeError(f"args must be a BetterTogetherConfig, got {type(args).__name__}")
-        if not isinstance(program, dspy.Module):
-            raise TypeError(f"program must be a dspy.Module, got {type(program).__name__}")
-        check_metric(metric)
-        trainset = to_examples(trainset, args.input_columns, "trainset")
-        valset = to_examples(valset, args.input_columns, "valset")
-        check_examples(program, trainset, "trainset")
-        check_examples(program, valset, "valset")
-        warn_shared_examples(trainset, valset)
+        trainset, valset = checked_inputs(program, metric, trainset, valset, args.input_columns)
         if "train_dataset" in kwargs:
             raise TypeError("train_dataset is built by each w step from the program's traces; pass trainset instead")
+        if args.generation_backend == "vllm":
+            check_vllm_usable()
 
         if model is None or isinstance(model, str):
             model = resolve_model_name_or_path(model)
@@ -103,8 +128,7 @@ class BetterTogetherTrainer(SFTTrainer):
             # Without a GPU, accelerate gives each process a world of its own: N copies of the whole job.
             raise ValueError(f"launched as {launched} processes, but they do not form one process group; on a "
                              "machine without a GPU pass --use_cpu (use_cpu=True) to join them over gloo")
-        self._distributed = DistributedBackend(self.accelerator)  # ZeRO-3 / FSDP specifics
-        if self._distributed.fsdp_version == 2:
+        if DistributedBackend(self.accelerator).fsdp_version == 2:
             # FSDP2 all-gathers inside every forward: ranks making different numbers of generate calls would hang.
             raise ValueError("FSDP version 2 is not supported: generation needs the full parameters materialized "
                              "once per step (FSDP version 1, as in accelerate_configs/fsdp.yaml, or DeepSpeed ZeRO-3)")
@@ -127,7 +151,7 @@ class BetterTogetherTrainer(SFTTrainer):
         self.program: dspy.Module | None = None
         self.run_state: RunState | None = None
         self._weights_version = 0
-        with self._gathered_parameters():
+        with gathered_parameters(self.model):
             self._base_fingerprint = weights_fingerprint(self.model, only_trainable=False)
         self._step_stats = EngineStats()  # generated on this rank in the current step
 
@@ -138,7 +162,12 @@ class BetterTogetherTrainer(SFTTrainer):
     def train(self, resume_from_checkpoint: bool | str | None = None, trial=None, **kwargs) -> TrainOutput:
         """Runs the strategy: score the initial program, then each `p`/`w` step in turn, each scored on the valset and
         saved; ends on the best step. `resume_from_checkpoint` (True or an output folder) continues an interrupted run
-        after its last completed step."""
+        after its last completed step. (`trial`, for `Trainer.hyperparameter_search`, is not supported.)"""
+        if trial is not None:
+            raise ValueError("BetterTogetherTrainer.train does not take a hyperparameter-search trial: "
+                             "hyperparameter_search is not supported")
+        if kwargs:
+            raise TypeError(f"BetterTogetherTrainer.train got unexpected keyword arguments {sorted(kwargs)}")
         with interruptible(), self.console.session():
             state = self._resume(resume_from_checkpoint) if resume_from_checkpoint else self._start()
             for index, kind in enumerate(self.args.steps, start=1):
@@ -162,36 +191,23 @@ class BetterTogetherTrainer(SFTTrainer):
             return self._end(state)
 
     def optimize_program_prompts(self, teacher: dspy.Module | None) -> dspy.Module:
-        """The p step: the prompt optimizer compiles the original program on the current weights. A DSPy optimizer
-        decides its own calls, so with several ranks it runs on the main rank, each of its generation batches is
-        split across all ranks, and the optimized program is broadcast: every rank ends with the same program."""
-        if not self.ranks.is_main:
-            with self.generation_mode() as model:
-                self._step_stats.add(self.ranks.serve_generation(self._backend(model)))
-            program = self.student.deepcopy()
-            program.load_state(self.ranks.broadcast(None))
-            return program
-        with self.serving(split_across_ranks=self.ranks.world_size > 1) as lm:
-            program = optimize_prompts(self.prompt_optimizer, self.student, lm, self.trainset, self.valset, teacher,
-                                       examples_at_once=self.args.num_threads)
-        self.ranks.broadcast(program.dump_state())
+        """The p step: the prompt optimizer compiles the original program on the current weights (on every rank:
+        `steps.prompt.prompt_step`)."""
+        with self.generation_mode() as model:
+            program, generated = prompt_step(
+                self.prompt_optimizer, self.student, self.trainset, self.valset, backend=self._backend(model),
+                lm_name=self.lm_name(), settings=self.args.generation_settings(), ranks=self.ranks, teacher=teacher,
+                examples_at_once=self.args.num_threads,
+            )
+        self._step_stats.add(generated)
         return program
 
     def collect_traces(self, program: dspy.Module) -> TraceDataset:
-        """Runs `program` on the trainset with tracing; keeps the module calls of the runs whose output passes. Each
-        of the `trace_rounds - 1` later rounds reruns the examples without a passing run, sampling (as DSPy's
-        bootstrapping rounds do: temperature 1.0, a new rollout id past the cache)."""
+        """The w step's data: the module calls of `program`'s passing runs on the trainset, over `trace_rounds`
+        attempts (`steps.sft.collect_traces`)."""
         with self.serving() as lm:
-            calls = self.runner.run(program, self.trainset, lm, with_trace=True)
-            for round_index in range(1, self.args.trace_rounds):
-                failed = [i for i, call in enumerate(calls) if not call.passed]  # the same on every rank
-                if not failed:
-                    break
-                sampling_lm = lm.copy(rollout_id=round_index, temperature=1.0)
-                retried = self.runner.run(program, [self.trainset[i] for i in failed], sampling_lm, with_trace=True)
-                for i, call in zip(failed, retried):
-                    calls[i] = call
-        return traces_to_dataset(calls, drop_placeholder=self.args.drop_placeholder_traces)
+            return collect_traces(self.runner, program, self.trainset, lm, self.args.trace_rounds,
+                                  self.args.drop_placeholder_traces)
 
     def finetune_weights(self, traces: TraceDataset, index: int) -> tuple[float, float] | None:
         """One SFT run on the traces (its own output folder, optimizer and LR schedule). Returns the first and last
@@ -213,18 +229,8 @@ class BetterTogetherTrainer(SFTTrainer):
             return None
         if self.args.w_step_init == "base":
             self._load_weights(self.run_state.steps[0].weights_dir)
-        self.train_dataset = self._prepare_dataset(
-            traces.dataset, self.processing_class, self.args, self.args.packing, None, "train"
-        )
-        self.optimizer, self.lr_scheduler = None, None
-        output_dir = self.args.output_dir
-        self.args.output_dir = str(Path(output_dir) / self._step_dir_name(index, WEIGHT_STEP))
-        try:
-            super().train()
-        finally:
-            self.args.output_dir = output_dir
+        losses = finetune_on(self, traces.dataset, str(Path(self.args.output_dir) / step_dir_name(index, WEIGHT_STEP)))
         self._weights_version += 1
-        losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
         return (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
 
     def evaluate_program(self, examples, program: dspy.Module | None = None) -> RunSummary:
@@ -247,30 +253,21 @@ class BetterTogetherTrainer(SFTTrainer):
         rank generates on its own (no collective inside `generate`), however many calls it makes. Training state is
         restored on exit."""
         wrapped = self.model_wrapped if self.model_wrapped is not None else self.model
-        with unwrap_model_for_generation(
-            wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as model, self._distributed.summon_full_params(
-            wrapped, recurse=True, writeback=False
-        ), eval_mode(model):
+        with model_for_generation(wrapped, self.optimizer, self.args.gradient_checkpointing_kwargs) as model:
             yield model
 
     def lm_name(self) -> str:
         return lm_name(self.model, self._base_fingerprint)
 
     @contextmanager
-    def serving(self, split_across_ranks: bool = False):
-        """A `dspy.LM` generating from the current weights, for the duration of the block. With
-        `split_across_ranks` (main rank only), every batch is shared with the other ranks, which must be running
-        `Ranks.serve_generation` meanwhile."""
-        with self.generation_mode() as model, ExitStack() as stack:
-            backend = self._backend(model)
-            if split_across_ranks:
-                backend = stack.enter_context(self.ranks.main_generates_for_all(backend))
-            lm = stack.enter_context(serving_lm(backend, self.lm_name(), self.args.generation_settings()))
+    def serving(self):
+        """A `dspy.LM` generating from the current weights, for the duration of the block."""
+        with self.generation_mode() as model, serving_lm(self._backend(model), self.lm_name(),
+                                                         self.args.generation_settings()) as lm:
             try:
                 yield lm
             finally:
-                self._step_stats.add(backend.local_stats if split_across_ranks else lm.engine.stats)
+                self._step_stats.add(lm.engine.stats)
 
     def _backend(self, model) -> GenerationBackend:
         """What generates from `model` (the unwrapped model being trained), per `args.generation_backend`."""
@@ -287,12 +284,10 @@ class BetterTogetherTrainer(SFTTrainer):
 
     def bind_program(self, program: dspy.Module) -> dspy.Module:
         """`program` served from this trainer's model (left in eval mode) as the steps ran it: same adapter, same
-        generation settings (`runner.served_program`)."""
+        generation settings (`core.live.serve_program`). `trainer.end()` or `program.close()` stops its engine."""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        lm_context = serving_lm(self._backend(model), self.lm_name(), self.args.generation_settings())
-        # The LM lives as long as the program; its batching worker is a daemon thread.
-        return served_program(program, lm_context.__enter__(), program_adapter())
+        return serve_program(program, self._backend(model), self.lm_name(), self.args.generation_settings())
 
     # ------------------------------------------------------------------------------------------------------------
     # Step bookkeeping: scoring, artifacts, logging, resume
@@ -327,7 +322,7 @@ class BetterTogetherTrainer(SFTTrainer):
         with self.serving() as lm:
             summary = self.runner.evaluate(self.program, self.valset, lm)
             served_as = lm.model.removeprefix(LM_PREFIX)
-        name = self._step_dir_name(index, kind)
+        name = step_dir_name(index, kind)
         step_dir = Path(self.args.output_dir) / name
         new_weights = kind == "vanilla" or loss is not None
         stats_per_rank = self.ranks.per_rank(self._step_stats)  # one gather for calls and tokens
@@ -410,6 +405,8 @@ class BetterTogetherTrainer(SFTTrainer):
             self._run_metadata().save(self.args.output_dir)  # how load_program serves the program as the steps did
             write_results(state, self.args.output_dir)
             self.console.finish(state, self.args.output_dir)
+        if isinstance(self.program, ServedProgram):
+            self.program.close()
         self.program = self.bind_program(program)
         if self.args.push_to_hub:
             self.push_to_hub()
@@ -425,7 +422,7 @@ class BetterTogetherTrainer(SFTTrainer):
 
     def _save_dataset(self, traces: TraceDataset, index: int) -> None:
         if self.is_world_process_zero():
-            step_dir = Path(self.args.output_dir) / self._step_dir_name(index, WEIGHT_STEP)
+            step_dir = Path(self.args.output_dir) / step_dir_name(index, WEIGHT_STEP)
             step_dir.mkdir(parents=True, exist_ok=True)
             traces.dataset.to_json(str(step_dir / SFT_DATASET_FILE))
 
@@ -433,19 +430,8 @@ class BetterTogetherTrainer(SFTTrainer):
         """Puts the weights saved in `weights_dir` (a step folder) back into the model being trained."""
         folder = Path(output_dir or self.args.output_dir) / weights_dir
         model = self.accelerator.unwrap_model(self.model)
-        with self._gathered_parameters(modifier_rank=0):
+        with gathered_parameters(self.model, modifier_rank=0):
             self._load_state_dict(model, folder)
-
-    @contextmanager
-    def _gathered_parameters(self, modifier_rank: int | None = None):
-        """Under ZeRO-3, the full parameters for the block (changes made on `modifier_rank` are kept); else nothing."""
-        if self._distributed.is_zero3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=modifier_rank):
-                yield
-        else:
-            yield
 
     @staticmethod
     def _load_state_dict(model, folder: Path) -> None:
@@ -468,9 +454,6 @@ class BetterTogetherTrainer(SFTTrainer):
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
 
-    @staticmethod
-    def _step_dir_name(index: int, kind: str) -> str:
-        return f"step_{index}_{kind}"
 
     # ------------------------------------------------------------------------------------------------------------
     # Hugging Face Hub: the run's result is pushed once, when it is complete (layout and loading: integrations/hub.py)
@@ -481,8 +464,11 @@ class BetterTogetherTrainer(SFTTrainer):
     task_name: str | None = None
 
     def end(self) -> None:
-        """Finishes the trackers and destroys the process group so that a multi-process job exits cleanly
-        (`bt_trl.core.ranks.end_job`); call it last, after `train()`, `evaluate_program()` and `push_to_hub()`."""
+        """Stops the trained program's engine, finishes the trackers and destroys the process group so that a
+        multi-process job exits cleanly (`bt_trl.end_job`); call it last, after `train()`, `evaluate_program()` and
+        `push_to_hub()`."""
+        if isinstance(self.program, ServedProgram):
+            self.program.close()
         end_job(self)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -9,7 +9,8 @@ last epoch the prompts are re-optimized once more. Everything else is TRL's: fla
         --use_peft --lora_r 16 --lora_alpha 32 --lora_target_modules all-linear --report_to none
 
 (`--max_steps` is an upper bound that an iterable train dataset requires; the callback ends training after
-`--num_train_epochs` epochs.)
+`--num_train_epochs` epochs.) The config is `BetterTogetherConfig`, an `SFTConfig` whose BetterTogether fields
+(`--max_bootstrapped_demos`, `--generation_max_tokens`, ...) the callback reads.
 """
 
 from __future__ import annotations
@@ -17,39 +18,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, SFTTrainer, TrlParser, get_peft_config
 
-from bt_trl import resolve_model_name_or_path
-from bt_trl.callbacks import BetterTogetherCallback
-from bt_trl.core.ranks import end_job
+from bt_trl import BetterTogetherCallback, BetterTogetherConfig, end_job, resolve_model_name_or_path
 from bt_trl.integrations.hub import PROGRAM_FILE, save_program
-from bt_trl.serving.engine import GenerationSettings
 from bt_trl.tasks import iris
 
 
 @dataclass
-class BetterTogetherArguments:
+class ScriptArguments:
     every_n_epochs: int = field(default=1, metadata={"help": "Epochs trained on one set of rows between rounds."})
     train_size: int = field(default=8, metadata={"help": "Iris training examples (demos and traces)."})
     val_size: int = field(default=6, metadata={"help": "Iris validation examples (candidate choice, scores)."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the Iris split."})
-    max_bootstrapped_demos: int = field(default=1, metadata={"help": "Bootstrapped demos per module."})
-    max_labeled_demos: int = field(default=3, metadata={"help": "Labeled demos per module."})
-    num_candidate_programs: int = field(default=0, metadata={"help": "Random candidate demo sets per p step."})
-    generation_max_tokens: int = field(default=80, metadata={"help": "Maximum new tokens per LM call."})
 
 
-def main(script_args: BetterTogetherArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
+def main(script_args: ScriptArguments, training_args: BetterTogetherConfig, model_args: ModelConfig) -> None:
     training_args.model_init_kwargs = dict(revision=model_args.model_revision, dtype=model_args.dtype,
                                            attn_implementation=model_args.attn_implementation,
                                            **(training_args.model_init_kwargs or {}))
     train, val, _ = iris.load_splits(script_args.split_seed, (script_args.train_size, script_args.val_size, 0))
     callback = BetterTogetherCallback(
-        iris.program(), iris.metric, train, val, every_n_epochs=script_args.every_n_epochs,
-        generation=GenerationSettings(max_tokens=script_args.generation_max_tokens),
-        max_bootstrapped_demos=script_args.max_bootstrapped_demos, max_labeled_demos=script_args.max_labeled_demos,
-        num_candidate_programs=script_args.num_candidate_programs, seed=training_args.seed,
-    )
+        iris.program(), iris.metric, train, val, every_n_epochs=script_args.every_n_epochs)
 
     trainer = SFTTrainer(
         model=resolve_model_name_or_path(model_args.model_name_or_path),  # a Hub id, a path or embedded:<name>
@@ -71,5 +61,5 @@ def main(script_args: BetterTogetherArguments, training_args: SFTConfig, model_a
 
 
 if __name__ == "__main__":
-    parser = TrlParser((BetterTogetherArguments, SFTConfig, ModelConfig))
+    parser = TrlParser((ScriptArguments, BetterTogetherConfig, ModelConfig))
     main(*parser.parse_args_and_config())

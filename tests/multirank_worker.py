@@ -17,12 +17,11 @@ from pathlib import Path
 import dspy
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
 from bt_trl.callbacks import BetterTogetherCallback
 from bt_trl.core.ranks import end_job
-from bt_trl.serving.engine import GenerationSettings
 from bt_trl.serving.models import embedded_model_path
 from bt_trl.tasks import iris
 
@@ -111,11 +110,12 @@ def run_callback(cli, tokenizer) -> None:
     """Two rounds of data (when training begins and after epoch 1) and a final p step, on two ranks."""
     train, val, _ = iris.load_splits(0, (10, 8, 0))
     callback = BetterTogetherCallback(
-        iris.program(), iris.metric, train, val, every_n_epochs=1, generation=GenerationSettings(max_tokens=48),
+        iris.program(), iris.metric, train, val, every_n_epochs=1,
         prompt_optimizer=dspy.BootstrapFewShot(metric=iris.metric, max_bootstrapped_demos=2, max_labeled_demos=0),
     )
-    args = SFTConfig(cli.output_dir, use_cpu=True, num_train_epochs=2, max_steps=1000, per_device_train_batch_size=2,
-                     learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", max_length=1024)
+    args = BetterTogetherConfig(cli.output_dir, use_cpu=True, num_train_epochs=2, max_steps=1000,
+                                per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+                                report_to="none", max_length=1024, generation_max_tokens=48)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(cli.model), args=args,
                          train_dataset=callback.train_dataset, processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), callbacks=[callback])

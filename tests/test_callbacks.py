@@ -8,17 +8,19 @@ import pytest
 import torch
 from conftest import tiny_model
 from peft import LoraConfig
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
-from bt_trl.callbacks import BetterTogetherCallback
-from bt_trl.serving.engine import GenerationSettings
+from bt_trl import BetterTogetherCallback, BetterTogetherConfig
 from bt_trl.tasks import iris
 
 
 def sft_config(output_dir, **overrides):
+    """The SFTTrainer's config: a BetterTogetherConfig (an SFTConfig), whose BetterTogether fields the callback
+    reads."""
     values = {"num_train_epochs": 4, "max_steps": 1000, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
-              "logging_steps": 1, "save_strategy": "no", "report_to": "none", "bf16": False, "max_length": 1024}
-    return SFTConfig(str(output_dir), **{**values, **overrides})
+              "logging_steps": 1, "save_strategy": "no", "report_to": "none", "bf16": False, "max_length": 1024,
+              "generation_max_tokens": 48}
+    return BetterTogetherConfig(str(output_dir), **{**values, **overrides})
 
 
 def test_callback_re_optimizes_prompts_and_regenerates_rows_on_plain_sft_trainer(format_model, tokenizer, tmp_path):
@@ -27,7 +29,7 @@ def test_callback_re_optimizes_prompts_and_regenerates_rows_on_plain_sft_trainer
     # same either way).
     optimizer = dspy.BootstrapFewShot(metric=iris.metric, max_bootstrapped_demos=2, max_labeled_demos=0)
     callback = BetterTogetherCallback(iris.program(), iris.metric, train, val, every_n_epochs=2,
-                                      prompt_optimizer=optimizer, generation=GenerationSettings(max_tokens=48))
+                                      prompt_optimizer=optimizer)
     trainer = SFTTrainer(model=format_model, args=sft_config(tmp_path, gradient_checkpointing=True),
                          train_dataset=callback.train_dataset, processing_class=tokenizer,
                          peft_config=LoraConfig(r=4, target_modules="all-linear"), callbacks=[callback])
@@ -66,9 +68,9 @@ def test_callback_refuses_bad_input_and_a_start_with_nothing_to_train_on(tokeniz
 
     # A random model never gets the species right: no row to train on, said before any training step.
     callback = BetterTogetherCallback(iris.program(), iris.metric, train, val,
-                                      prompt_optimizer=dspy.LabeledFewShot(k=1),
-                                      generation=GenerationSettings(max_tokens=16))
-    trainer = SFTTrainer(model=tiny_model(tokenizer), args=sft_config(tmp_path), train_dataset=callback.train_dataset,
+                                      prompt_optimizer=dspy.LabeledFewShot(k=1))
+    trainer = SFTTrainer(model=tiny_model(tokenizer), args=sft_config(tmp_path, generation_max_tokens=16),
+                         train_dataset=callback.train_dataset,
                          processing_class=tokenizer, callbacks=[callback])
     with pytest.raises(ValueError, match="no trace of the program passed the metric on the trainset"):
         trainer.train()

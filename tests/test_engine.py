@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 
-from bt_trl.config import BetterTogetherConfig
+from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
 from bt_trl.serving.engine import (
     BatchingEngine,
     GenerationSettings,
@@ -221,8 +221,11 @@ def test_vllm_backend_is_refused_before_any_model_work(tmp_path, tokenizer):
     vllm_installed = importlib.util.find_spec("vllm") is not None
     if vllm_installed and torch.cuda.is_available():
         pytest.skip("vLLM can run on this machine")
+    args = BetterTogetherConfig(output_dir=str(tmp_path), generation_backend="vllm")  # checked when training starts
+    train, val, _ = iris.load_splits(0, (2, 2, 0))
     with pytest.raises(ValueError, match="generation_backend='vllm' cannot run here") as refused:
-        BetterTogetherConfig(output_dir=str(tmp_path), generation_backend="vllm")
+        BetterTogetherTrainer(model="no/such-model", args=args, program=iris.program(), metric=iris.metric,
+                              trainset=train, valset=val)
     assert ("pip install 'bt_trl[vllm]'" in str(refused.value)) != vllm_installed
     assert ("no CUDA GPU" in str(refused.value)) != torch.cuda.is_available()
     with pytest.raises(ValueError, match="cannot run here"):  # the backend itself checks too

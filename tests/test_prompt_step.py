@@ -1,16 +1,16 @@
 """The batched p step gives DSPy's results: the same demos, in the same order, as DSPy's sequential
 `BootstrapFewShot`, and the same candidate scores and choice as its sequential random search."""
 
-from weakref import WeakSet
+import signal
 
 import dspy
 import pytest
 import torch
 import tqdm
+from dspy.teleprompt import random_search as dspy_random_search
 
 from bt_trl.core.runner import program_adapter
 from bt_trl.serving.engine import GenerationSettings, TransformersBackend, serving_lm
-from bt_trl.steps import random_search as concurrent_search
 from bt_trl.steps.bootstrap import BatchedBootstrapFewShot
 from bt_trl.steps.prompt import as_batched, default_prompt_optimizer, optimize_prompts
 from bt_trl.steps.random_search import ConcurrentRandomSearch
@@ -86,16 +86,23 @@ def test_batched_bootstrapping_stops_at_dspy_error_limit(format_model, tokenizer
             compile_with(optimizer, program, format_model, tokenizer, type(optimizer).__name__, trainset=train)
 
 
-def test_concurrent_random_search_scores_and_chooses_as_dspy(format_model, tokenizer):
+def test_concurrent_random_search_scores_and_chooses_as_dspy_and_leaves_dspy_untouched(format_model, tokenizer):
+    """The concurrent search first, then DSPy's own in the same process: the same candidates, scores and choice, and
+    DSPy's module attributes, tqdm's registry and the SIGINT handler are as they were."""
     train, val, _ = iris.load_splits(0, (20, 10, 0))
     program = iris.program()
     settings = dict(metric=iris.metric, max_bootstrapped_demos=3, max_labeled_demos=3, num_candidate_programs=3,
                     num_threads=8)
+    untouched = (dspy_random_search.BootstrapFewShot, dspy_random_search.Evaluate, tqdm.tqdm._instances,
+                 signal.getsignal(signal.SIGINT))
 
+    concurrent = ConcurrentRandomSearch(**settings, examples_at_once=8)
+    chosen = compile_with(concurrent, program, format_model, tokenizer, "concurrent", trainset=train, valset=val)
+    assert (dspy_random_search.BootstrapFewShot, dspy_random_search.Evaluate, tqdm.tqdm._instances,
+            signal.getsignal(signal.SIGINT)) == untouched
+    assert dspy_random_search.BootstrapFewShot is dspy.BootstrapFewShot
     expected = compile_with(dspy.BootstrapFewShotWithRandomSearch(**settings), program, format_model, tokenizer,
                             "sequential", trainset=train, valset=val)
-    concurrent = ConcurrentRandomSearch(dspy.BootstrapFewShotWithRandomSearch(**settings), examples_at_once=8)
-    chosen = compile_with(concurrent, program, format_model, tokenizer, "concurrent", trainset=train, valset=val)
 
     def candidates(p):
         return [(c["seed"], c["score"], c["subscores"], demos(c["program"])) for c in p.candidate_programs]
@@ -103,22 +110,6 @@ def test_concurrent_random_search_scores_and_chooses_as_dspy(format_model, token
     assert candidates(chosen) == candidates(expected)
     assert demos(chosen) == demos(expected)
     assert chosen.dump_state() == expected.dump_state()
-
-
-def test_concurrent_search_survives_dspy_clearing_progress_bars_between_threads():
-    """The interleaving that ended a demo run's p step: DSPy's `Evaluate` in one candidate's thread clears tqdm's
-    registry while another thread's disabled bar is between `__new__` (registers) and `__init__` (unregisters)."""
-
-    def interleaved() -> None:
-        bar = tqdm.tqdm.__new__(tqdm.tqdm)
-        tqdm.tqdm._instances.clear()  # what dspy's Evaluate.__call__ / ParallelExecutor.execute do first
-        bar.__init__(total=1, disable=True)
-
-    with pytest.raises(KeyError):
-        interleaved()
-    with concurrent_search._progress_bars_tolerate_concurrent_clears():
-        interleaved()
-    assert type(tqdm.tqdm._instances) is WeakSet  # restored
 
 
 def test_p_step_batches_dspy_bootstrapping_optimizers_only():

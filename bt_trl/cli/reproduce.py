@@ -44,6 +44,7 @@ from bt_trl.cli.train import SUMMARY_FILE, TaskArguments, build_trainer, train_a
 from bt_trl.config import BetterTogetherConfig
 from bt_trl.core.interrupts import raise_if_interrupted
 from bt_trl.core.results import RunState, StepResult
+from bt_trl.core.runner import ServedProgram
 from bt_trl.serving.models import EMBEDDED_MODEL, check_model_name_or_path
 from bt_trl.steps.strategy import parse_strategy
 from bt_trl.tasks import Task
@@ -168,13 +169,9 @@ def run_one(task: Task, args: BetterTogetherConfig, model_args: ModelConfig, str
             summary["started_from"] = str(run.folder.relative_to(args.output_dir))
             (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     finally:
-        if trainer.program is not None:
-            # The trained program is bound to an LM whose generation worker (a daemon thread) holds the model;
-            # stopping it lets this run's model be freed before the next run loads its own.
-            # An interrupted run's program is still unbound (train() binds it at its end).
-            for predictor in trainer.program.predictors():
-                if predictor.lm is not None:
-                    predictor.lm.engine.close()
+        if isinstance(trainer.program, ServedProgram):
+            # Its generation worker holds the model: stopped, this run's model can be freed before the next loads.
+            trainer.program.close()
         del trainer
         release_freed_memory()
 

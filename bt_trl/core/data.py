@@ -86,3 +86,18 @@ def warn_shared_examples(trainset: list[dspy.Example], valset: list[dspy.Example
 
 def _example_key(example: dspy.Example) -> str:
     return json.dumps(example.toDict(), sort_keys=True, default=repr)
+
+
+def checked_inputs(program, metric, trainset, valset, input_columns: Sequence[str] | None
+                   ) -> tuple[list[dspy.Example], list[dspy.Example]]:
+    """Everything a BetterTogether run is given, checked before any model work: `program` a `dspy.Module`, `metric`
+    callable as DSPy's, `trainset`/`valset` examples with the program's inputs. Returns the two sets as examples."""
+    if not isinstance(program, dspy.Module):
+        raise TypeError(f"program must be a dspy.Module, got {type(program).__name__}")
+    check_metric(metric)
+    trainset = to_examples(trainset, input_columns, "trainset")
+    valset = to_examples(valset, input_columns, "valset")
+    check_examples(program, trainset, "trainset")
+    check_examples(program, valset, "valset")
+    warn_shared_examples(trainset, valset)
+    return trainset, valset

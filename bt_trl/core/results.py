@@ -9,6 +9,11 @@ from pathlib import Path
 STATE_FILE = "bettertogether_state.json"
 
 
+def step_dir_name(index: int, kind: str) -> str:
+    """The folder of step `index` (of kind `kind`) in a run's output_dir."""
+    return f"step_{index}_{kind}"
+
+
 @dataclass
 class StepResult:
     index: int  # 0 is the initial ("vanilla") program, then one per strategy step
@@ -35,7 +40,7 @@ class StepResult:
 
     @property
     def name(self) -> str:
-        return f"step_{self.index}_{self.kind}"
+        return step_dir_name(self.index, self.kind)
 
     @property
     def pass_rate(self) -> float | None:

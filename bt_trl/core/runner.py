@@ -135,10 +135,23 @@ def module_parse_error(program: dspy.Module, error: AdapterParseError) -> Module
     return ModuleParseError(modules, fields, error)
 
 
-class _Served:
-    """Mixin of `served_program`: every call runs under the adapter the steps used."""
+class ServedProgram:
+    """Mixin of `served_program`: every call runs under the adapter the steps used; `close()` (or leaving
+    `with program:`) stops the workers of its LMs' engines (a later call starts them again)."""
 
     _served_adapter: dspy.Adapter
+
+    def close(self) -> None:
+        for lm in {id(p.lm): p.lm for p in self.predictors() if p.lm is not None}.values():
+            engine = getattr(lm, "engine", None)
+            if engine is not None:
+                engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def __call__(self, *args, **kwargs):
         with dspy.context(adapter=self._served_adapter):
@@ -157,7 +170,7 @@ class _Served:
 
 @functools.cache
 def _served_class(cls: type) -> type:
-    return type(f"Served{cls.__name__}", (_Served, cls), {"__module__": cls.__module__})
+    return type(f"Served{cls.__name__}", (ServedProgram, cls), {"__module__": cls.__module__})
 
 
 def served_program(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter) -> dspy.Module:
@@ -167,7 +180,7 @@ def served_program(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter) -> 
     (an `AdapterParseError`) naming the module and field, after one LM call: no fallback to another format."""
     served = program.deepcopy()
     served.set_lm(lm)
-    served.__class__ = _served_class(next(c for c in type(program).__mro__ if not issubclass(c, _Served)))
+    served.__class__ = _served_class(next(c for c in type(program).__mro__ if not issubclass(c, ServedProgram)))
     served._served_adapter = adapter
     return served
 
@@ -178,6 +191,11 @@ def metric_score(value, threshold: float | None) -> float:
     if threshold is not None:
         return float(score >= threshold)
     return score
+
+
+def passes(value, threshold: float | None) -> bool:
+    """The pass rule: whether a metric's return value makes a run pass (its trace kept, a demo bootstrapped)."""
+    return metric_score(value, threshold) > 0
 
 
 class ProgramRunner:

@@ -53,7 +53,7 @@ from bt_trl.serving.engine import (
     weights_fingerprint,
 )
 from bt_trl.serving.models import EMBEDDED_MODEL, check_model_name_or_path, resolve_model_name_or_path
-from bt_trl.steps.sft import chat_row, rows_to_dataset
+from bt_trl.steps.sft import FORMAT_ROW, chat_row, finetune_on, rows_to_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -275,9 +275,9 @@ class ModelEngine(BatchingEngine):
             })
             use_cache = model.config.use_cache
             try:
-                trainer = SFTTrainer(model=model, args=args, train_dataset=rows_to_dataset(rows),
+                trainer = SFTTrainer(model=model, args=args, train_dataset=rows_to_dataset([FORMAT_ROW]),
                                      processing_class=self._tokenizer)
-                trainer.train()
+                finetune_on(trainer, rows_to_dataset(rows), args.output_dir)
             except BaseException:
                 if adapter is not None:
                     model.delete_adapter(adapter)

@@ -32,10 +32,12 @@ import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+from bt_trl.core.live import serve_program
 from bt_trl.core.results import STATE_FILE, RunState, results_markdown
-from bt_trl.core.runner import default_adapter, served_program
-from bt_trl.serving.engine import GenerationSettings, TransformersBackend, lm_name, serving_lm, weights_fingerprint
+from bt_trl.core.runner import default_adapter
+from bt_trl.serving.engine import TransformersBackend, lm_name, weights_fingerprint
 from bt_trl.serving.models import EMBEDDED_PREFIX, embedded_model, embedded_name, resolve_model_name_or_path
+from bt_trl.serving.settings import GenerationSettings
 from bt_trl.serving.structured import structured_adapter
 from bt_trl.tasks import get_task
 
@@ -294,7 +296,8 @@ def load_program(repo_id_or_path: str | Path, program: dspy.Module | None = None
 
     The program behaves as in the run's steps (`runner.served_program`): every call under that adapter and those
     settings, whatever `dspy.settings` hold; an output that cannot be parsed raises `runner.ModuleParseError` (an
-    `AdapterParseError`) naming the module and field.
+    `AdapterParseError`) naming the module and field. `program.close()`, or leaving `with load_program(...) as
+    program:`, stops its generation worker.
 
     Nothing read can run code: `program.json` is parsed as JSON and must match the program's modules (a module
     that names its own LM is refused), weights are loaded from safetensors only, and remote code is never trusted.
@@ -312,9 +315,7 @@ def load_program(repo_id_or_path: str | Path, program: dspy.Module | None = None
             structured=metadata.structured_generation,
         )
     name = lm_name(model, weights_fingerprint(model, only_trainable=False))
-    # The LM lives as long as the program (its batching worker is a daemon thread), as for a trained program.
-    lm = serving_lm(TransformersBackend(model, tokenizer), name, settings).__enter__()
-    return served_program(skeleton, lm, structured_adapter(adapter))
+    return serve_program(skeleton, TransformersBackend(model, tokenizer), name, settings, structured_adapter(adapter))
 
 
 def _run_adapter(metadata: RunMetadata | None) -> dspy.Adapter:

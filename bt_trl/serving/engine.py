@@ -33,6 +33,7 @@ import torch
 from dspy.lm15 import Message, Response, TextPart, Usage
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from bt_trl.serving.settings import GenerationSettings
 from bt_trl.serving.structured import COMPLETION_MARKER, GrammarConstraint, OutputGrammar, output_grammar
 
 # DSPy LM names of served weights are LM_PREFIX + the weights' name (see lm_name).
@@ -428,29 +429,23 @@ def response(request, generation: Generation) -> Response:
     )
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How program calls are generated: LM defaults (max tokens, temperature), micro-batching, and whether outputs are
-    generated inside their adapter's format (structured generation)."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    max_batch_size: int = 8
-    batch_wait: float = 0.02
-    structured: bool = True
+def engine_lm(backend: GenerationBackend, name: str, settings: GenerationSettings) -> dspy.LM:
+    """A `dspy.LM` named `name` that generates with `backend` through a `BatchingEngine` of its own, whose worker
+    starts with the first call and stops at `lm.engine.close()`."""
+    engine = BatchingEngine(backend, max_batch_size=settings.max_batch_size, batch_wait=settings.batch_wait,
+                            default_max_tokens=settings.max_tokens, structured_outputs=settings.structured)
+    return dspy.LM(LM_PREFIX + name, engine=engine, max_tokens=settings.max_tokens,
+                   temperature=settings.temperature, num_retries=0)
 
 
 @contextmanager
 def serving_lm(backend: GenerationBackend, name: str, settings: GenerationSettings):
-    """A `dspy.LM` named `name` that generates with `backend`; the engine's worker stops on exit."""
-    engine = BatchingEngine(backend, max_batch_size=settings.max_batch_size, batch_wait=settings.batch_wait,
-                            default_max_tokens=settings.max_tokens, structured_outputs=settings.structured)
-    lm = dspy.LM(LM_PREFIX + name, engine=engine, max_tokens=settings.max_tokens,
-                 temperature=settings.temperature, num_retries=0)
+    """`engine_lm` for the block: the engine's worker stops on exit."""
+    lm = engine_lm(backend, name, settings)
     try:
         yield lm
     finally:
-        engine.close()
+        lm.engine.close()
 
 
 @contextmanager

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import dspy
 from dspy.teleprompt import BootstrapFewShot
-from dspy.utils.parallelizer import ParallelExecutor
+
+from bt_trl.core.threads import map_in_threads
 
 # DSPy's own bootstrapping logger: the failures it reports are DSPy's messages, routed (bt_trl/console.py: to run.log)
 # as DSPy's are.
@@ -110,8 +111,7 @@ class BatchedBootstrapFewShot(BootstrapFewShot):
         todo = [(i, first_round if i == first_example else 0) for i in examples]
         attempts = {}
         while todo:
-            executor = ParallelExecutor(num_threads=len(todo), disable_progress_bar=True, timeout=0)
-            done = executor.execute(lambda key: self._attempt(self.trainset[key[0]], key[1]), todo)
+            done = map_in_threads(lambda key: self._attempt(self.trainset[key[0]], key[1]), todo, len(todo))
             attempts.update(zip(todo, done))
             todo = [(i, r + 1) for (i, r), a in zip(todo, done)
                     if not a.success and a.crash is None and r + 1 < self.max_rounds]

@@ -13,12 +13,16 @@ import inspect
 import io
 import logging
 import sys
+from contextlib import nullcontext
 
 import dspy
 from dspy.teleprompt import BootstrapFewShot, BootstrapFewShotWithRandomSearch, LabeledFewShot, Teleprompter
 
 from bt_trl.core.interrupts import raise_if_interrupted
+from bt_trl.core.ranks import Ranks
 from bt_trl.core.runner import program_adapter
+from bt_trl.serving.engine import EngineStats, GenerationBackend, serving_lm
+from bt_trl.serving.settings import GenerationSettings
 from bt_trl.steps.bootstrap import BatchedBootstrapFewShot
 from bt_trl.steps.random_search import ConcurrentRandomSearch
 
@@ -72,7 +76,7 @@ def as_batched(optimizer: Teleprompter, examples_at_once: int):
     if type(optimizer) is BootstrapFewShot:
         return BatchedBootstrapFewShot.like(optimizer, examples_at_once)
     if type(optimizer) is BootstrapFewShotWithRandomSearch:
-        return ConcurrentRandomSearch(optimizer, examples_at_once)
+        return ConcurrentRandomSearch.like(optimizer, examples_at_once)
     return optimizer
 
 
@@ -100,3 +104,24 @@ def optimize_prompts(optimizer: Teleprompter, student: dspy.Module, lm: dspy.LM,
             raise
     program.set_lm(None)  # keep the program unbound: each step serves it with the LM of the weights in force
     return program
+
+
+def prompt_step(optimizer: Teleprompter, student: dspy.Module, trainset, valset, *, backend: GenerationBackend,
+                lm_name: str, settings: GenerationSettings, ranks: Ranks, teacher: dspy.Module | None = None,
+                examples_at_once: int = 8) -> tuple[dspy.Module, EngineStats]:
+    """The p step on every rank (all call it together): `optimize_prompts` with `backend` serving the current weights.
+    A DSPy optimizer decides its own calls, so with several ranks it runs on the main rank, each of its generation
+    batches is split across all ranks, and the optimized program is broadcast: every rank returns the same program,
+    and what it generated itself."""
+    if not ranks.is_main:
+        generated = ranks.serve_generation(backend)
+        program = student.deepcopy()
+        program.load_state(ranks.broadcast(None))
+        return program, generated
+    split = ranks.world_size > 1
+    with (ranks.main_generates_for_all(backend) if split else nullcontext(backend)) as generating, \
+            serving_lm(generating, lm_name, settings) as lm:
+        program = optimize_prompts(optimizer, student, lm, trainset, valset, teacher,
+                                   examples_at_once=examples_at_once)
+    ranks.broadcast(program.dump_state())
+    return program, generating.local_stats if split else lm.engine.stats

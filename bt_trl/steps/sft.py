@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import datasets
 import dspy
+from trl import SFTTrainer
 
-from bt_trl.core.runner import ProgramCall, RunSummary, program_adapter
+from bt_trl.core.runner import ProgramCall, ProgramRunner, RunSummary, program_adapter
 
 # `SFTTrainer` needs a train dataset at construction and fixes its collator from the first row. Every w step trains
 # on conversational prompt/completion rows built from traces; this row declares that format until the first traces.
@@ -79,3 +80,38 @@ def traces_to_dataset(calls: list[ProgramCall], adapter: dspy.Adapter | None = N
     rows = [row for call in kept for row in trace_to_rows(call.trace, adapter)]
     return TraceDataset(rows_to_dataset(rows), RunSummary.of(calls), copied_placeholder=sum(copied),
                         placeholder_dropped=drop_placeholder)
+
+
+def collect_traces(runner: ProgramRunner, program: dspy.Module, trainset: list[dspy.Example], lm: dspy.LM,
+                   rounds: int = 1, drop_placeholder: bool = False) -> TraceDataset:
+    """The w step's data: runs `program` on the trainset with tracing and keeps the module calls of the runs that pass.
+    Each of the `rounds - 1` later rounds reruns the examples without a passing run, sampling (as DSPy's
+    bootstrapping rounds do: temperature 1.0, a new rollout id past the cache)."""
+    calls = runner.run(program, trainset, lm, with_trace=True)
+    for round_index in range(1, rounds):
+        failed = [i for i, call in enumerate(calls) if not call.passed]  # the same on every rank
+        if not failed:
+            break
+        sampling_lm = lm.copy(rollout_id=round_index, temperature=1.0)
+        retried = runner.run(program, [trainset[i] for i in failed], sampling_lm, with_trace=True)
+        for i, call in zip(failed, retried):
+            calls[i] = call
+    return traces_to_dataset(calls, drop_placeholder=drop_placeholder)
+
+
+def finetune_on(trainer: SFTTrainer, dataset: datasets.Dataset, output_dir: str) -> list[float]:
+    """One fine-tuning run of `trainer` (an `SFTTrainer` built on `FORMAT_ROW`, or one that trained before) on
+    `dataset`'s conversational prompt/completion rows: SFTTrainer's own training, writing to `output_dir`, with a new
+    optimizer and LR schedule as a first `train()` makes them. The w step and the DSPy provider's jobs both train
+    here; the private API it touches is listed in `core/private_api.py`. Returns the logged training losses."""
+    args = trainer.args
+    trainer.train_dataset = trainer._prepare_dataset(
+        dataset, trainer.processing_class, args, args.packing, None, "train"
+    )
+    trainer.optimizer, trainer.lr_scheduler = None, None
+    run_output_dir, args.output_dir = args.output_dir, output_dir
+    try:
+        SFTTrainer.train(trainer)  # SFTTrainer's, also for a subclass whose train() runs a whole strategy
+    finally:
+        args.output_dir = run_output_dir
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
