@@ -101,10 +101,10 @@ def test_bt_trl_train_prints_a_screenful_and_logs_the_rest(tokenizer, tmp_path):
     assert len(warned) == len(set(warned))
     assert sum("w step 2: no trace to train on" in line for line in lines) == 1
     # No library output on the console: DSPy's optimizer prints and progress bars are in run.log.
-    assert not any("Average Metric" in line or "Bootstrapped" in line or "it/s]" in line for line in lines)
+    assert not any("average metric" in line or "Bootstrapped" in line or "it/s]" in line for line in lines)
 
     log = (output_dir / "run.log").read_text()
-    assert "Average Metric" in log and "Bootstrapped 0 full traces" in log
+    assert "Candidate of seed -3: average metric" in log and "Bootstrapped 0 full traces" in log
     # Every unparseable answer is in run.log in full, and counted on the console (the training's; the test set's
     # scoring follows it).
     logged = log.count("unparseable answer (step ")

@@ -133,19 +133,19 @@ def test_full_finetuning(model_dir, tmp_path):
 
 
 def readme_snippet() -> str:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Using bt_trl from DSPy", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    """The first Python block of the docs page "Using bt_trl from DSPy"."""
+    page = (Path(__file__).parent.parent / "docs" / "dspy.md").read_text()
+    return re.search(r"```python\n(.*?)```", page, re.S).group(1)
 
 
 def run_readme_snippet(model: str, folder: Path, monkeypatch) -> dict:
-    """Runs the README's snippet in `folder` with `model` in place of the embedded model; returns its variables."""
+    """Runs the docs' snippet in `folder` with `model` in place of the embedded model; returns its variables."""
     code = readme_snippet()
     assert '"embedded:smollm2-135m"' in code
     monkeypatch.chdir(folder)
     monkeypatch.setenv("DSPY_FINETUNEDIR", str(folder / "finetune"))
     namespace = {}
-    exec(compile(code.replace('"embedded:smollm2-135m"', repr(model)), "README.md", "exec"), namespace)
+    exec(compile(code.replace('"embedded:smollm2-135m"', repr(model)), "docs/dspy.md", "exec"), namespace)
     return namespace
 
 
@@ -165,12 +165,12 @@ def check_better_together_result(namespace: dict, folder: Path, output: str) -> 
 
 
 def test_readme_snippet_better_together(model_dir, tmp_path, monkeypatch, capsys):
-    """The README's snippet, unchanged but for the model: the tiny one instead of the embedded one."""
+    """The docs' snippet, unchanged but for the model: the tiny one instead of the embedded one."""
     namespace = run_readme_snippet(model_dir, tmp_path, monkeypatch)
     check_better_together_result(namespace, tmp_path, capsys.readouterr().out)
 
 
 def test_readme_snippet_on_the_embedded_model(tmp_path, monkeypatch, capsys):
-    """The README's snippet as it is: the embedded SmolLM2-135M-Instruct, Iris at the quick preset's size (minutes)."""
+    """The docs' snippet as it is: the embedded SmolLM2-135M-Instruct, Iris at the quick preset's size (minutes)."""
     namespace = run_readme_snippet("embedded:smollm2-135m", tmp_path, monkeypatch)
     check_better_together_result(namespace, tmp_path, capsys.readouterr().out)

@@ -90,7 +90,10 @@ class ConcurrentRandomSearch(BootstrapFewShotWithRandomSearch):
                 max_rounds=self.max_rounds, max_errors=max_errors, examples_at_once=self.examples_at_once,
             )
             program = optimizer.compile(student, teacher=teacher, trainset=trainset)
-        return (program, *self._score(program, max_errors))
+        score, subscores = self._score(program, max_errors)
+        logger.info("Candidate of seed %d: average metric %s / %d (%.1f%%) on the valset", seed, sum(subscores),
+                    len(subscores), score)
+        return program, score, subscores
 
     def _score(self, program, max_errors: int) -> tuple[float, list]:
         """DSPy's `Evaluate` score of `program` on the valset: the mean metric value in percent (rounded to 2
