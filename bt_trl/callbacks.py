@@ -34,11 +34,11 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
-from bt_trl.config import bettertogether_settings
+from bt_trl.config import bettertogether_settings, check_demo_counts
 from bt_trl.core.data import checked_inputs
 from bt_trl.core.live import model_for_generation, serve_program
 from bt_trl.core.ranks import Ranks
-from bt_trl.core.runner import ProgramRunner, ServedProgram
+from bt_trl.core.runner import ProgramRunner, ServedProgram, checked_metric
 from bt_trl.serving.engine import TransformersBackend, lm_name, serving_lm, weights_fingerprint
 from bt_trl.steps.prompt import default_prompt_optimizer, prompt_step
 from bt_trl.steps.sft import FORMAT_ROW, collect_traces
@@ -87,7 +87,8 @@ class BetterTogetherCallback(TrainerCallback):
         self.student = program.deepcopy()
         self.student.set_lm(None)
         self.program = self.student.deepcopy()
-        self.metric, self.every_n_epochs, self.prompt_optimizer = metric, every_n_epochs, prompt_optimizer
+        self.metric = checked_metric(metric)  # DSPy's optimizers would take a string "no" as a pass
+        self.every_n_epochs, self.prompt_optimizer = every_n_epochs, prompt_optimizer
         self.history: list[dict] = []
         self.epochs_done = 0
         # SFTTrainer reads the first row when it is built, before any generation: until the first round (at
@@ -111,6 +112,7 @@ class BetterTogetherCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
         settings = self._settings = bettertogether_settings(args)
         if self.prompt_optimizer is None:
+            check_demo_counts(settings.max_bootstrapped_demos, settings.max_labeled_demos)
             self.prompt_optimizer = default_prompt_optimizer(
                 self.metric, max_bootstrapped_demos=settings.max_bootstrapped_demos,
                 max_labeled_demos=settings.max_labeled_demos, num_candidate_programs=settings.num_candidate_programs,

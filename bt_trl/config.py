@@ -7,7 +7,7 @@ import torch
 from trl import SFTConfig
 
 from bt_trl.serving.settings import GenerationSettings
-from bt_trl.steps.strategy import parse_strategy
+from bt_trl.steps.strategy import PROMPT_STEP, parse_strategy
 
 W_STEP_INITS = ("continue", "base")
 GENERATION_BACKENDS = ("transformers", "vllm")
@@ -102,6 +102,12 @@ class BetterTogetherConfig(SFTConfig):
         input_columns (`list[str]`, *optional*):
             When `trainset`/`valset` are `datasets.Dataset`s: the columns that are the program's inputs. The other
             columns are labels the metric may read.
+
+        > Parameters that control the output folder
+
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Let a new run (not resuming) start in an `output_dir` that holds another run, removing that run's step
+            folders, state, results, program and weights first. Otherwise such a run is refused.
     """
 
     strategy: str = field(
@@ -167,6 +173,10 @@ class BetterTogetherConfig(SFTConfig):
     input_columns: list[str] | None = field(
         default=None, metadata={"help": "Columns of a datasets.Dataset trainset/valset that are program inputs."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds another run, removing that run's files first."},
+    )
 
     # Overridden SFTConfig defaults (bf16 too: see __post_init__): every w step trains on conversational
     # prompt/completion data built from traces, with the loss on the completions (the module's outputs) only.
@@ -193,6 +203,8 @@ class BetterTogetherConfig(SFTConfig):
         for name in ("max_bootstrapped_demos", "max_labeled_demos", "num_candidate_programs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if PROMPT_STEP in self.steps:
+            check_demo_counts(self.max_bootstrapped_demos, self.max_labeled_demos)
         for name in ("num_threads", "generation_batch_size", "generation_max_tokens", "max_rounds", "trace_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -204,6 +216,15 @@ class BetterTogetherConfig(SFTConfig):
             )
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+
+
+def check_demo_counts(max_bootstrapped_demos: int, max_labeled_demos: int) -> None:
+    """The default prompt optimizer only chooses few-shot demos: a p step allowed none cannot change the program."""
+    if max_bootstrapped_demos == 0 and max_labeled_demos == 0:
+        raise ValueError(
+            "max_bootstrapped_demos=0 and max_labeled_demos=0: the p step chooses few-shot demos, so with none allowed "
+            "it cannot change the program; allow at least one (e.g. max_labeled_demos=3) or drop p from the strategy"
+        )
 
 
 # The fields BetterTogetherConfig adds to SFTConfig (and the two defaults it overrides).

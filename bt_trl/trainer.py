@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,7 +29,15 @@ from bt_trl.core.data import checked_inputs, to_examples
 from bt_trl.core.interrupts import interruptible
 from bt_trl.core.live import gathered_parameters, model_for_generation, serve_program
 from bt_trl.core.ranks import Ranks, end_job
-from bt_trl.core.results import RunState, StepResult, step_dir_name, write_results
+from bt_trl.core.results import (
+    RESULTS_FILES,
+    STATE_FILE,
+    RunState,
+    StepResult,
+    step_dir_name,
+    step_dirs,
+    write_results,
+)
 from bt_trl.core.runner import ProgramRunner, RunSummary, ServedProgram, configured_adapter
 from bt_trl.integrations import hub
 from bt_trl.serving.engine import (
@@ -40,7 +49,7 @@ from bt_trl.serving.engine import (
     serving_lm,
     weights_fingerprint,
 )
-from bt_trl.serving.models import resolve_model_name_or_path
+from bt_trl.serving.models import check_model_name_or_path, resolve_model_name_or_path
 from bt_trl.serving.vllm import VLLMBackend, check_vllm_usable
 from bt_trl.steps.prompt import default_prompt_optimizer, expected_program_calls, prompt_step
 from bt_trl.steps.sft import FORMAT_ROW, TraceDataset, collect_traces, finetune_on
@@ -50,6 +59,10 @@ logger = logging.getLogger(__name__)
 
 PROGRAM_FILE = hub.PROGRAM_FILE  # the file load_program reads
 SFT_DATASET_FILE = "sft_dataset.jsonl"
+# What a run writes at the top of output_dir besides its step folders (and run.log, which every session appends to):
+# `overwrite_output_dir` removes them, so that no weights of the old run stay beside the new run's.
+RUN_FILES = (STATE_FILE, *RESULTS_FILES, PROGRAM_FILE, hub.METADATA_FILE, hub.ADAPTER_WEIGHTS_FILE,
+             "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 class BetterTogetherTrainer(SFTTrainer):
@@ -118,6 +131,7 @@ class BetterTogetherTrainer(SFTTrainer):
             check_vllm_usable()
 
         if model is None or isinstance(model, str):
+            check_model_name_or_path(model)
             model = resolve_model_name_or_path(model)
         # What the run prints (bt_trl/console.py); loading the model and preparing the datasets already log to run.log.
         self.console = RunConsole.for_trainer(args)
@@ -168,6 +182,8 @@ class BetterTogetherTrainer(SFTTrainer):
                              "hyperparameter_search is not supported")
         if kwargs:
             raise TypeError(f"BetterTogetherTrainer.train got unexpected keyword arguments {sorted(kwargs)}")
+        if not resume_from_checkpoint:
+            self._claim_output_dir()
         with interruptible(), self.console.session():
             state = self._resume(resume_from_checkpoint) if resume_from_checkpoint else self._start()
             for index, kind in enumerate(self.args.steps, start=1):
@@ -221,9 +237,11 @@ class BetterTogetherTrainer(SFTTrainer):
                 stacklevel=2,
             )
         if traces.kept == 0:
+            s = traces.summary
             warnings.warn(
-                f"w step {index}: no trace to train on ({traces.summary.total} tried, {traces.summary.passed} passed "
-                f"the metric, {traces.summary.parse_failures} unparseable); the weights are left unchanged",
+                f"w step {index}: no trace to train on ({s.total} tried, {s.passed} passed the metric, "
+                f"{s.parse_failures} unparseable, {s.metric_errors} metric errors, {s.program_errors} program errors; "
+                "the errors are in run.log); the weights are left unchanged",
                 stacklevel=2,
             )
             return None
@@ -235,10 +253,13 @@ class BetterTogetherTrainer(SFTTrainer):
 
     def evaluate_program(self, examples, program: dspy.Module | None = None) -> RunSummary:
         """Scores `program` (default: `trainer.program`) on `examples` with the current weights."""
+        program = program or self.program
+        if program is None:
+            raise ValueError("evaluate_program: no program to score yet; call train() first, or pass program=")
         examples = to_examples(examples, self.args.input_columns, "examples")
         with interruptible(), self.console.session(), self.serving() as lm:
             self.console.begin("evaluation", len(examples))
-            summary = self.runner.evaluate(program or self.program, examples, lm)
+            summary = self.runner.evaluate(program, examples, lm)
             self.console.end()
         return summary
 
@@ -372,6 +393,30 @@ class BetterTogetherTrainer(SFTTrainer):
             state.save(self.args.output_dir)
             write_results(state, self.args.output_dir)
         self.accelerator.wait_for_everyone()  # other ranks read the step's folder (weights, program) after this
+
+    def _claim_output_dir(self) -> None:
+        """A new run must not mix its steps with another run's in `output_dir`: refused, or with
+        `overwrite_output_dir` that run's files are removed first."""
+        output_dir = Path(self.args.output_dir)
+        other = RunState.load(output_dir)
+        if other is None:
+            return
+        if not self.args.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {output_dir} holds a BetterTogether run ({' -> '.join(other.strategy)}, "
+                f"{len(other.steps) - 1} step(s) done); a new run there would mix with it. Resume it with "
+                "resume_from_checkpoint=True (bt-trl: --resume_from_checkpoint True), pick another output_dir, or set "
+                "overwrite_output_dir=True (--overwrite_output_dir True) to remove it first"
+            )
+        if self.is_world_process_zero():
+            for folder in step_dirs(output_dir):
+                shutil.rmtree(folder)
+            for name in RUN_FILES:
+                (output_dir / name).unlink(missing_ok=True)
+            for shard in output_dir.glob("model-*-of-*.safetensors"):
+                shard.unlink()
+            logger.info("Removed the run in %s (overwrite_output_dir)", output_dir)
+        self.accelerator.wait_for_everyone()
 
     def _resume(self, resume_from_checkpoint: bool | str) -> RunState:
         # "True" is how the CLI flag (`TrainingArguments.resume_from_checkpoint`, a string) says "this output_dir".

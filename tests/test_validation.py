@@ -88,6 +88,6 @@ def test_dataset_with_input_columns_is_accepted_up_to_model_loading(tmp_path):
     args = BetterTogetherConfig(str(tmp_path), report_to="none", input_columns=columns)
     train, _, _ = iris.load_splits(0, (4, 0, 0))
     table = datasets.Dataset.from_list([ex.toDict() for ex in train])
-    # Valid data gets past validation: the next thing that fails is loading the (missing) model.
-    with pytest.raises(OSError):
+    # Valid data gets past validation: the next thing checked is the model's path, which does not exist.
+    with pytest.raises(FileNotFoundError, match=f"model '{MISSING_MODEL}' does not exist"):
         make(args, trainset=table, valset=table)

@@ -22,8 +22,7 @@ from bt_trl.console import RunConsole
 from bt_trl.core.runner import ProgramRunner
 from bt_trl.integrations.hub import load_program
 from bt_trl.serving.engine import GenerationSettings
-
-SPLITS = ("train", "val", "test")
+from bt_trl.tasks import SPLITS
 
 
 @dataclass

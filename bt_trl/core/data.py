@@ -1,4 +1,5 @@
-"""Turning user data into DSPy examples, and checking it against the program before any model work."""
+"""Turning user data into DSPy examples, and checking it against the program before any model work; reading the JSON
+files a user points bt_trl at."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import inspect
 import json
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import datasets
 import dspy
@@ -101,3 +103,15 @@ def checked_inputs(program, metric, trainset, valset, input_columns: Sequence[st
     check_examples(program, valset, "valset")
     warn_shared_examples(trainset, valset)
     return trainset, valset
+
+
+def read_json_file(path: Path, expected: str):
+    """The JSON value in `path`; a file that is not JSON text (a pickle, a truncated file) raises ValueError naming
+    the file and `expected`, what it should be."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        reason = "it is not text (a pickle or another binary file?); bt_trl reads JSON only and never unpickles"
+    except json.JSONDecodeError as exc:
+        reason = f"it is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    raise ValueError(f"{path} should be {expected}, but {reason}")

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bt_trl.core.data import read_json_file
+
 STATE_FILE = "bettertogether_state.json"
+RESULTS_FILES = ("results.md", "results.json", "results.png")  # what `write_results` writes
+_STEP_DIR = re.compile(r"step_\d+_(vanilla|p|w)")
 
 
 def step_dir_name(index: int, kind: str) -> str:
     """The folder of step `index` (of kind `kind`) in a run's output_dir."""
     return f"step_{index}_{kind}"
+
+
+def step_dirs(output_dir: str | Path) -> list[Path]:
+    """The step folders in a run's output_dir."""
+    return [path for path in Path(output_dir).iterdir() if path.is_dir() and _STEP_DIR.fullmatch(path.name)]
 
 
 @dataclass
@@ -63,7 +73,7 @@ class RunState:
         path = Path(output_dir) / STATE_FILE
         if not path.exists():
             return None
-        data = json.loads(path.read_text())
+        data = read_json_file(path, "the state of a BetterTogether run, a JSON file the trainer writes after each step")
         return cls(data["strategy"], [StepResult(**s) for s in data["steps"]])
 
     def best(self) -> StepResult:
@@ -137,14 +147,13 @@ def plot_results(state: RunState, path: str | Path) -> None:
 
 def write_results(state: RunState, output_dir: str | Path) -> None:
     output_dir = Path(output_dir)
-    (output_dir / "results.md").write_text(
-        f"# BetterTogether results: {' -> '.join(state.strategy)}\n\n{results_markdown(state)}"
-    )
-    (output_dir / "results.json").write_text(
+    markdown, as_json, plot = (output_dir / name for name in RESULTS_FILES)
+    markdown.write_text(f"# BetterTogether results: {' -> '.join(state.strategy)}\n\n{results_markdown(state)}")
+    as_json.write_text(
         json.dumps(
             {"strategy": " -> ".join(state.strategy), "best_step": state.best().index,
              "steps": [asdict(s) | {"name": s.name, "pass_rate": s.pass_rate} for s in state.steps]},
             indent=2,
         )
     )
-    plot_results(state, output_dir / "results.png")
+    plot_results(state, plot)

@@ -3,13 +3,14 @@
 Valset scoring and trace collection both go through `ProgramRunner.run`; under several ranks each rank runs a share
 of the examples and every rank gets all the results (see `core/ranks.py`). Runtime faults of single calls — an
 output the adapter cannot parse, a metric that raises, any other program error — are caught per example, counted by
-kind, and never stop the run.
+kind, and never stop the run; a metric whose value is not a score (`MetricValueError`) stops it at once.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ class ProgramCall:
     prediction: dspy.Prediction | None = None
     trace: list = field(default_factory=list)  # DSPy trace entries: (predictor, inputs, outputs)
     score: float = 0.0
+    metric_value: float | None = None  # the metric's value as a number, before `metric_threshold`
     error: str | None = None  # None, "parse", "metric" or "program"
 
     @property
@@ -185,9 +187,41 @@ def served_program(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter) -> 
     return served
 
 
+class MetricValueError(TypeError):
+    """A metric returned something that is not a score. Not one call's fault to count and survive: every call would
+    return the same kind of value, so it stops the run at the first."""
+
+
+def metric_number(value) -> float:
+    """A metric's return value as a number: a bool, an int, a float (numpy's too) or `dspy.Prediction(score=...)`,
+    as DSPy's optimizers take them. Anything else (a string such as "yes", None) raises `MetricValueError`."""
+    if isinstance(value, dspy.Prediction) and "score" in value:
+        value = value.score
+    if isinstance(value, numbers.Real) or (hasattr(value, "__float__")
+                                           and not isinstance(value, (str, bytes, dspy.Prediction))):
+        return float(value)
+    raise MetricValueError(
+        f"the metric returned {value!r} ({type(value).__name__}); a metric must return a bool, a number or "
+        "dspy.Prediction(score=<number>), e.g. `return prediction.answer == example.answer`"
+    )
+
+
+def checked_metric(metric: Metric) -> Metric:
+    """`metric` raising `MetricValueError` on a value that is not a score, wherever it is called (DSPy's optimizers
+    take the value as it is: a string "no" would pass as truthy)."""
+
+    @functools.wraps(metric)
+    def checked(example, prediction, trace=None):
+        value = metric(example, prediction, trace)
+        metric_number(value)
+        return value
+
+    return checked
+
+
 def metric_score(value, threshold: float | None) -> float:
     """A metric's return value as a score in [0, 1]; with a threshold, pass (1) or fail (0) as in DSPy."""
-    score = float(value)
+    score = metric_number(value)
     if threshold is not None:
         return float(score >= threshold)
     return score
@@ -247,7 +281,10 @@ class ProgramRunner:
             result.trace = trace if with_trace else []
             try:
                 value = self.metric(example, result.prediction, trace if with_trace else None)
-                result.score = metric_score(value, self.metric_threshold)
+                result.metric_value = metric_number(value)
+                result.score = metric_score(result.metric_value, self.metric_threshold)
+            except MetricValueError:
+                raise
             except Exception as exc:
                 raise_if_interrupted(exc)
                 logger.warning("Metric failed on %s: %r", example, exc)
@@ -261,4 +298,11 @@ class ProgramRunner:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def evaluate(self, program: dspy.Module, examples: list[dspy.Example], lm: dspy.LM) -> RunSummary:
-        return RunSummary.of(self.run(program, examples, lm))
+        calls = self.run(program, examples, lm)
+        values = [call.metric_value for call in calls if call.metric_value is not None]
+        # A threshold above every value the metric gave scores everything 0, which would read as a program failing.
+        if self.metric_threshold is not None and values and 0 < max(values) < self.metric_threshold:
+            logger.warning("no program call reached metric_threshold=%s (the metric's highest value was %s), so "
+                           "every call scored 0: lower metric_threshold to a value the metric returns",
+                           self.metric_threshold, max(values))
+        return RunSummary.of(calls)

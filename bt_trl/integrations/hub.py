@@ -30,13 +30,21 @@ import dspy
 import httpx2
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
+from bt_trl.core.data import read_json_file
 from bt_trl.core.live import serve_program
 from bt_trl.core.results import STATE_FILE, RunState, results_markdown
 from bt_trl.core.runner import default_adapter
 from bt_trl.serving.engine import TransformersBackend, lm_name, weights_fingerprint
-from bt_trl.serving.models import EMBEDDED_PREFIX, embedded_model, embedded_name, resolve_model_name_or_path
+from bt_trl.serving.models import (
+    EMBEDDED_PREFIX,
+    check_local_path,
+    check_model_name_or_path,
+    embedded_model,
+    embedded_name,
+    resolve_model_name_or_path,
+)
 from bt_trl.serving.settings import GenerationSettings
 from bt_trl.serving.structured import structured_adapter
 from bt_trl.tasks import get_task
@@ -88,7 +96,9 @@ class RunMetadata:
         path = Path(folder) / METADATA_FILE
         if not path.exists():
             return None  # a run folder that was never pushed: load_program falls back to adapter_config.json
-        data = json.loads(path.read_text())
+        data = read_json_file(path, "the run's metadata, a JSON object written by BetterTogetherTrainer")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the run's metadata is a JSON object, got {type(data).__name__}")
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)} (written by a newer bt_trl?)")
@@ -151,6 +161,8 @@ def hub_errors(action: str, output_dir: str | Path | None = None) -> Iterator[No
         else:
             cause = f"the Hub answered HTTP {status}: {exc.server_message or exc}; try again later"
         raise HubError(f"{action} failed at {constants.ENDPOINT}: {cause}.{hint}") from exc
+    except HFValidationError as exc:
+        raise HubError(f"{action} failed: not a Hub id, nor a local folder ({exc})") from exc
     except OfflineModeIsEnabled as exc:
         raise HubError(f"{action} failed: offline mode is on (HF_HUB_OFFLINE=1); unset it.{hint}") from exc
     except (httpx2.TransportError, OSError) as exc:
@@ -357,7 +369,8 @@ def checked_program_state(program: dspy.Module, path: Path, check_lm=None) -> di
     and accepts it (it raises ValueError otherwise)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a BetterTogether repository holds its program in {PROGRAM_FILE}")
-    state = json.loads(path.read_text())
+    state = read_json_file(path, "a DSPy JSON program file, as program.save('program.json') and a BetterTogether run "
+                                 "write it")
     if not isinstance(state, dict):
         raise ValueError(f"{path}: a DSPy program file is a JSON object, got {type(state).__name__}")
     modules = dict(program.named_parameters())
@@ -390,6 +403,10 @@ def _local_folder(repo_id_or_path: str | Path, revision: str | None, token: str 
     path = Path(repo_id_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise NotADirectoryError(f"{path} is a file: load_program reads a run folder (a finished run's output_dir, "
+                                 f"holding {PROGRAM_FILE} and the weights) or a Hub id")
+    check_local_path(str(repo_id_or_path), "run folder")
     with hub_errors(f"Downloading {repo_id_or_path} (no local folder has this name)"):
         return Path(snapshot_download(str(repo_id_or_path), revision=revision, token=token,
                                       allow_patterns=list(HUB_FILE_PATTERNS)))
@@ -420,6 +437,7 @@ def _load_model(folder: Path, metadata: RunMetadata | None, base_model):
         if base_model is None:
             raise ValueError(f"{folder} records no base model for its adapter: pass base_model=")
         if not isinstance(base_model, PreTrainedModel):
+            check_model_name_or_path(base_model)
             base_model = AutoModelForCausalLM.from_pretrained(resolve_model_name_or_path(base_model),
                                                               use_safetensors=True)
         model = PeftModel.from_pretrained(base_model, str(folder))

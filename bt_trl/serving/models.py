@@ -134,11 +134,36 @@ def resolve_model_name_or_path(name_or_path: str | None) -> str:
 
 def check_model_name_or_path(name_or_path: str | None) -> None:
     """Fails fast, before any data or model is loaded, on an unknown `embedded:` name or, when the model is not
-    converted yet, on a missing package. Nothing is read or converted."""
+    converted yet, on a missing package, and on a local path that does not exist. Nothing is read or converted."""
     if name_or_path is None or name_or_path.startswith(EMBEDDED_PREFIX):
         model = embedded_model(name_or_path or EMBEDDED_MODEL)
         if not (cache_dir() / model.folder / "config.json").exists():
             _part_paths(model)
+    else:
+        check_local_path(name_or_path, "model")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Hub ids are `name` or `owner/name`; a string that starts as a path does (`/`, `.`, `~`), has more than one
+    separator, or whose folder part exists here is meant as a local path."""
+    if name.startswith(EMBEDDED_PREFIX):
+        return False
+    path = Path(name).expanduser()
+    return (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or name.count(os.sep) > 1
+            or (len(path.parts) > 1 and path.parent.is_dir()))
+
+
+def check_local_path(name: str, what: str) -> None:
+    """A local path that does not exist fails here, naming the part that is missing, instead of being taken for a
+    Hub id (which fails with the Hub's "Repo id must be in the form ..." or a 404)."""
+    path = Path(name).expanduser()
+    if path.exists() or not looks_like_local_path(name):
+        return
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    raise FileNotFoundError(
+        f"{what} {name!r} does not exist: no local folder {path.absolute().relative_to(existing)} in {existing}; "
+        "pass an existing folder, or a Hugging Face Hub id as owner/name"
+    )
 
 
 def embedded_name(path: str | os.PathLike) -> str | None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import dspy
 from dspy.teleprompt import BootstrapFewShot
 
+from bt_trl.core.runner import MetricValueError
 from bt_trl.core.threads import map_in_threads
 
 # DSPy's own bootstrapping logger: the failures it reports are DSPy's messages, routed (bt_trl/console.py: to run.log)
@@ -131,7 +132,7 @@ class BatchedBootstrapFewShot(BootstrapFewShot):
         try:
             result.success = bool(BootstrapFewShot._bootstrap_one_example(attempt, example, round_idx))
         except Exception as exc:
-            if attempt.error_count:
+            if attempt.error_count and not isinstance(exc, MetricValueError):  # DSPy counts it; it ends the run here
                 result.counted_error = exc
             else:
                 result.crash = exc

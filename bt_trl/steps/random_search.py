@@ -18,6 +18,7 @@ import random
 import dspy
 from dspy.teleprompt import BootstrapFewShotWithRandomSearch, LabeledFewShot
 
+from bt_trl.core.runner import MetricValueError
 from bt_trl.core.threads import map_in_threads
 from bt_trl.steps.bootstrap import BatchedBootstrapFewShot
 
@@ -97,12 +98,15 @@ class ConcurrentRandomSearch(BootstrapFewShotWithRandomSearch):
 
     def _score(self, program, max_errors: int) -> tuple[float, list]:
         """DSPy's `Evaluate` score of `program` on the valset: the mean metric value in percent (rounded to 2
-        places), a call that raises scoring 0.0; more than `max_errors` such calls end the search."""
+        places), a call that raises scoring 0.0; more than `max_errors` such calls end the search, and so does a metric
+        value that is not a score."""
         errors = []
 
         def score(example):
             try:
                 return self.metric(example, program(**example.inputs()))
+            except MetricValueError:
+                raise
             except Exception as exc:
                 errors.append(exc)
                 if len(errors) >= max_errors:

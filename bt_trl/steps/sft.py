@@ -108,6 +108,8 @@ def finetune_on(trainer: SFTTrainer, dataset: datasets.Dataset, output_dir: str)
     trainer.train_dataset = trainer._prepare_dataset(
         dataset, trainer.processing_class, args, args.packing, None, "train"
     )
+    if len(trainer.train_dataset) == 0 and len(dataset) > 0:
+        raise ValueError(too_long_prompts_message(trainer.processing_class, dataset, args.max_length))
     trainer.optimizer, trainer.lr_scheduler = None, None
     run_output_dir, args.output_dir = args.output_dir, output_dir
     try:
@@ -115,3 +117,15 @@ def finetune_on(trainer: SFTTrainer, dataset: datasets.Dataset, output_dir: str)
     finally:
         args.output_dir = run_output_dir
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def too_long_prompts_message(tokenizer, dataset: datasets.Dataset, max_length: int | None) -> str:
+    """Why SFTTrainer dropped every row: truncated to `max_length`, no prompt left a completion token to train on."""
+    shortest = min(
+        len(tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False)["input_ids"])
+        for prompt in dataset["prompt"]
+    )
+    return (f"max_length={max_length} is shorter than every prompt of the {len(dataset)} training rows (the shortest "
+            f"is {shortest} tokens): truncated to max_length, no row keeps a completion token to train on. Set "
+            f"max_length above {shortest} plus the completion's length (or None for no truncation)")

@@ -17,6 +17,8 @@ from types import ModuleType
 import dspy
 
 TASKS = ("iris", "iris_predict", "gsm8k", "hotpotqa")
+SPLITS = ("train", "val", "test")
+MIN_SIZES = (1, 1, 0)  # a run needs a trainset and a valset; without a test set it reports no test score
 
 
 def get_task(name: str) -> ModuleType:
@@ -40,11 +42,15 @@ class Task:
 def load_task(name: str, split_seed: int, sizes: tuple[int, int, int], **options) -> Task:
     """Loads task `name`: its splits (`sizes` = train/val/test examples, drawn with `split_seed`) and its program.
 
-    `options` (those not None) go to whichever of the task's `load_splits` and `program` take them (`data_path`,
+    Each split must get its size: at least 1 example for train and val, 0 or more for test, never more than the task
+    has. `options` (those not None) go to whichever of the task's `load_splits` and `program` take them (`data_path`,
     `retriever`); an option neither takes is an error. The program is built once here, so that a bad retriever or a
     missing corpus fails now.
     """
     module = get_task(name)
+    for split, size, least in zip(SPLITS, sizes, MIN_SIZES):
+        if size < least:
+            raise ValueError(f"{split}_size must be >= {least} (a number of examples), got {size}")
     options = {key: value for key, value in options.items() if value is not None}
 
     def taken_by(function) -> dict:
@@ -56,4 +62,9 @@ def load_task(name: str, split_seed: int, sizes: tuple[int, int, int], **options
         raise ValueError(f"task {name!r} takes no option {', '.join(sorted(unused))}")
     build_program = partial(module.program, **program_options)
     build_program()
-    return Task(name, build_program, module.metric, *module.load_splits(split_seed, sizes, **split_options))
+    splits = module.load_splits(split_seed, sizes, **split_options)
+    for split, size, examples in zip(SPLITS, sizes, splits):
+        if len(examples) < size:  # a task slicing a fixed split would silently give fewer
+            raise ValueError(f"{split}_size {size}: task {name!r} has {len(examples)} {split} examples with split "
+                             f"seed {split_seed}; ask for at most {len(examples)}")
+    return Task(name, build_program, module.metric, *splits)

@@ -11,6 +11,8 @@ from pathlib import Path
 import datasets
 import dspy
 
+from bt_trl.serving.models import check_local_path
+
 Records = Sequence[dict]  # a list of JSON objects or a datasets.Dataset (rows read on demand)
 
 
@@ -29,9 +31,7 @@ def read_records(data_path: str, hub_config: str | None = None) -> dict[str, Rec
         return {"train": _read_jsonl(files[0])}
     if files:
         return {file.stem: _read_jsonl(file) for file in files}
-    if not path.exists() and _looks_like_local_path(data_path):
-        raise FileNotFoundError(f"data path {data_path} does not exist (expected a .jsonl file, a folder of "
-                                "<split>.jsonl files, or a Hugging Face Hub dataset id)")
+    check_local_path(data_path, "data path")
     return dict(datasets.load_dataset(str(path) if path.exists() else data_path, hub_config))
 
 
@@ -61,7 +61,3 @@ def _read_jsonl(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
-
-def _looks_like_local_path(data_path: str) -> bool:
-    """Hub ids are `name` or `owner/name`; anything else is meant as a local path."""
-    return Path(data_path).is_absolute() or data_path.startswith((".", "~")) or data_path.count("/") > 1
