@@ -46,6 +46,9 @@ class TaskArguments:
     )
 
     def load(self) -> Task:
+        for split, size in (("train", self.train_size), ("val", self.val_size)):
+            if size < 1:  # a run needs a trainset and a valset; without a test set it reports no test score
+                raise ValueError(f"{split}_size must be >= 1 (a number of examples), got {size}")
         return load_task(self.task, self.split_seed, (self.train_size, self.val_size, self.test_size),
                          data_path=self.data_path, retriever=self.retriever)
 

@@ -18,7 +18,6 @@ import dspy
 
 TASKS = ("iris", "iris_predict", "gsm8k", "hotpotqa")
 SPLITS = ("train", "val", "test")
-MIN_SIZES = (1, 1, 0)  # a run needs a trainset and a valset; without a test set it reports no test score
 
 
 def get_task(name: str) -> ModuleType:
@@ -42,15 +41,15 @@ class Task:
 def load_task(name: str, split_seed: int, sizes: tuple[int, int, int], **options) -> Task:
     """Loads task `name`: its splits (`sizes` = train/val/test examples, drawn with `split_seed`) and its program.
 
-    Each split must get its size: at least 1 example for train and val, 0 or more for test, never more than the task
-    has. `options` (those not None) go to whichever of the task's `load_splits` and `program` take them (`data_path`,
-    `retriever`); an option neither takes is an error. The program is built once here, so that a bad retriever or a
+    Each split must get its size: 0 or more examples, never more than the task has. `options` (those not None) go
+    to whichever of the task's `load_splits` and `program` take them (`data_path`, `retriever`); an option neither
+    takes is an error. The program is built once here, so that a bad retriever or a
     missing corpus fails now.
     """
     module = get_task(name)
-    for split, size, least in zip(SPLITS, sizes, MIN_SIZES):
-        if size < least:
-            raise ValueError(f"{split}_size must be >= {least} (a number of examples), got {size}")
+    for split, size in zip(SPLITS, sizes):
+        if size < 0:
+            raise ValueError(f"{split}_size must be >= 0 (a number of examples), got {size}")
     options = {key: value for key, value in options.items() if value is not None}
 
     def taken_by(function) -> dict:
