@@ -17,22 +17,29 @@ they are a `BetterTogetherConfig` (an `SFTConfig`), else `BetterTogetherConfig`'
 are the trainer's: the callback receives them with every event. It generates and splits the work across ranks with
 the pieces `BetterTogetherTrainer` uses (`core.live`, `steps.prompt.prompt_step`, `steps.sft.collect_traces`).
 
-`callback.train_dataset` is a `datasets.IterableDataset` that reads the current rows at the start of every epoch, so
-the trainer needs `max_steps` (an upper bound; training stops after `num_train_epochs` epochs).
+The steps: `callback.train_dataset` is a `datasets.IterableDataset` that reads the current rows at the start of every
+epoch, since the rows change between rounds. transformers refuses a dataset without a length unless `max_steps` is set,
+when the trainer is built (before any callback runs), so `max_steps` is required; it is a cap, not a plan. The callback
+ends each epoch when its rows are done, stops after `num_train_epochs` epochs (or at `max_steps`, whichever comes
+first), and plans `state.max_steps` and the learning-rate schedule over the steps the epochs take on the current rows,
+again at each round: the schedule ends on the last step actually run.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import warnings
 from collections.abc import Sequence
 
 import datasets
 import dspy
+import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import extract_model_from_parallel
-from transformers import TrainerCallback
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import TrainerCallback, get_scheduler
 
 from bt_trl.config import bettertogether_settings, check_demo_counts
 from bt_trl.core.data import checked_inputs
@@ -91,6 +98,8 @@ class BetterTogetherCallback(TrainerCallback):
         self.every_n_epochs, self.prompt_optimizer = every_n_epochs, prompt_optimizer
         self.history: list[dict] = []
         self.epochs_done = 0
+        self._epoch_steps = 0  # optimizer steps an epoch on the current rows takes
+        self._epoch_ends_at = 0  # the global step the current epoch ends at
         # SFTTrainer reads the first row when it is built, before any generation: until the first round (at
         # on_train_begin) the dataset holds one row declaring the format of the rows to come.
         self._pool = _RowPool([FORMAT_ROW])
@@ -109,7 +118,8 @@ class BetterTogetherCallback(TrainerCallback):
     # Trainer events
     # ------------------------------------------------------------------------------------------------------------
 
-    def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None,
+                       lr_scheduler=None, **kwargs):
         settings = self._settings = bettertogether_settings(args)
         if self.prompt_optimizer is None:
             check_demo_counts(settings.max_bootstrapped_demos, settings.max_labeled_demos)
@@ -126,8 +136,21 @@ class BetterTogetherCallback(TrainerCallback):
         if not self.history[-1]["traces_kept"]:
             raise ValueError("no trace of the program passed the metric on the trainset with the initial weights: "
                              "nothing to train on (a larger model, more demos or a larger trainset may help)")
+        if not isinstance(lr_scheduler, LambdaLR):
+            warnings.warn(f"the {type(lr_scheduler).__name__} learning-rate schedule is not re-planned over the "
+                          f"epochs: it runs over max_steps={args.max_steps}", stacklevel=2)
+        self._plan_steps(args, state, lr_scheduler)
 
-    def on_epoch_end(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._epoch_ends_at = state.global_step + self._epoch_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # transformers' loop over an iterable dataset would run each epoch on to max_steps over the spent rows.
+        if state.global_step >= self._epoch_ends_at:
+            control.should_epoch_stop = True
+
+    def on_epoch_end(self, args, state, control, model=None, processing_class=None, optimizer=None,
+                     lr_scheduler=None, **kwargs):
         # Counted here: with an iterable train dataset, `state.epoch` is not an epoch count.
         self.epochs_done += 1
         last = control.should_training_stop or self.epochs_done >= args.num_train_epochs
@@ -135,6 +158,8 @@ class BetterTogetherCallback(TrainerCallback):
             control.should_training_stop = True
         if last or self.epochs_done % self.every_n_epochs == 0:
             self._round(args, model, processing_class, optimizer, regenerate=not last)
+            if not last:
+                self._plan_steps(args, state, lr_scheduler)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         # Served as the rounds ran it, from the trained model (left in eval mode), as `trainer.program` is.
@@ -143,6 +168,23 @@ class BetterTogetherCallback(TrainerCallback):
             self.program.close()
         self.program = serve_program(self.program, TransformersBackend(live, processing_class),
                                      lm_name(live, self._base_fingerprint), self._settings.generation)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The steps the epochs take on the current rows, and the learning rate over them
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _plan_steps(self, args, state, lr_scheduler) -> None:
+        """The remaining epochs on the current rows: their steps in `state.max_steps` (capped by `args.max_steps`)
+        and the learning-rate schedule re-planned over the whole run's steps."""
+        rows_per_batch = args.per_device_train_batch_size * args.world_size  # (accelerate shards an iterable dataset)
+        batches = (len(self.rows) // rows_per_batch if args.dataloader_drop_last
+                   else math.ceil(len(self.rows) / rows_per_batch))
+        # An iterable epoch's last, partial gradient accumulation makes no optimizer step in transformers' loop.
+        self._epoch_steps = batches // args.gradient_accumulation_steps
+        epochs_left = math.ceil(args.num_train_epochs) - self.epochs_done
+        state.max_steps = min(state.global_step + epochs_left * self._epoch_steps, args.max_steps)
+        if isinstance(lr_scheduler, LambdaLR):
+            _replan_learning_rate(lr_scheduler, args, state.max_steps)
 
     # ------------------------------------------------------------------------------------------------------------
     # One round: p step, valset score, and (unless training ends) the next rows
@@ -172,3 +214,16 @@ class BetterTogetherCallback(TrainerCallback):
         self.history.append(entry)
         logger.info("BetterTogether round at epoch %d: prompts re-optimized, val score %.1f%s", self.epochs_done,
                     entry["val_score"], f", {entry['rows']} training rows" if regenerate else "")
+
+
+def _replan_learning_rate(lr_scheduler: LambdaLR, args, total_steps: int) -> None:
+    """Gives the trainer's schedule the shape transformers builds for `args.lr_scheduler_type` over `total_steps`,
+    from the step it is at on."""
+    # Built on a stand-in optimizer: a scheduler built on the trainer's would reset its learning rate.
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    planned = get_scheduler(args.lr_scheduler_type, stand_in, num_warmup_steps=args.get_warmup_steps(total_steps),
+                            num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    factor = planned.lr_lambdas[0]
+    lr_scheduler.lr_lambdas = [factor] * len(lr_scheduler.optimizer.param_groups)
+    for group, base_lr in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * factor(lr_scheduler.last_epoch)

@@ -1,36 +1,35 @@
-"""What a run prints: one progress display per step, each step's results row when it ends, the table and the best step
-at the end. Everything else — DSPy's and transformers' logs, prints and progress bars, every unparseable answer in
-full — goes to `output_dir/run.log`; a warning reaches the console once.
-
-`RunConsole.session()` routes the output for the duration of a run: the loggers of the libraries a run uses write to
-`run.log` instead of the terminal, `sys.stdout`/`sys.stderr` are logged there line by line (DSPy prints its optimizer's
-progress and draws tqdm bars), and Python warnings are logged there and shown on the console the first time only (not
-at all when raised inside those libraries: deprecations between them, mostly).
-Everything is restored when the session ends.
+"""What a run shows: one progress display per step, each step's results row when it ends, the table and the best step
+at the end, on the main process's standard output (`sys.stdout` when it is written to, unless `RunConsole.stdout` is
+set). bt_trl logs on its own loggers (`bt_trl.*`); during a run their records also go to `output_dir/run.log`. The
+output of other libraries, `sys.stdout`/`sys.stderr` and the warnings machinery are left as they are: the `bt-trl`
+command, an application, routes them to run.log itself (`bt_trl/cli/output.py`).
 
 The display counts program calls (top-level module calls, whoever makes them: the prompt optimizer, trace collection,
-valset scoring; see `ProgramCallCounter`), the ones whose output passed the metric and the unparseable ones. On a
-terminal it is one line redrawn in place; when the output is not a terminal (CI logs, a pipe) or with `disable_tqdm`, a
-step prints one line when it starts, a status line every `NONINTERACTIVE_INTERVAL` seconds and its row when it ends.
+valset scoring; see `ProgramCallCounter`, a DSPy callback), the ones whose output passed the metric and the unparseable
+ones; during a w step's fine-tuning, its training steps (`_TrainingProgress`, a `TrainerCallback`). In a notebook it is
+a `tqdm.auto` bar; on a terminal one line redrawn in place; when the output is neither (CI logs, a pipe) or with
+`disable_tqdm`, a step prints one line when it starts, a status line every `NONINTERACTIVE_INTERVAL` seconds and its
+row when it ends.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import re
+import os
 import shutil
 import sys
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 import dspy
 from dspy.utils.callback import BaseCallback
 from dspy.utils.callback_context import ACTIVE_CALL_ID
 from dspy.utils.exceptions import AdapterParseError
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -40,56 +39,29 @@ from bt_trl.core.runner import passes
 logger = logging.getLogger(__name__)
 
 RUN_LOG_FILE = "run.log"
-# Loggers whose records go to run.log only during a session (their levels are left as they are).
-LIBRARY_LOGGERS = ("dspy", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "torch",
-                   "LiteLLM", "httpx", "urllib3", "filelock", "stdout", "stderr", "py.warnings")
-# Python warnings raised inside these packages (deprecations between them, mostly) go to run.log only.
-LIBRARY_PACKAGES = frozenset({"dspy", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub",
-                              "torch", "litellm", "tokenizers", "safetensors"})
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 NONINTERACTIVE_INTERVAL = 300.0  # seconds between status lines when the output is not a terminal
-REDRAW_INTERVAL = 0.1  # seconds between redraws of the live line
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+REDRAW_INTERVAL = 0.1  # seconds between redraws of the live line or bar
 
 
-def _from_library(filename: str) -> bool:
-    parts = Path(filename).parts
-    return any(part in ("site-packages", "dist-packages") and parts[i + 1] in LIBRARY_PACKAGES
-               for i, part in enumerate(parts[:-1]))
+def run_log_path(args) -> Path:
+    """Where a run with `args` (a `TrainingArguments`) logs: `output_dir/run.log`, `run.rank<i>.log` on the other
+    processes."""
+    index = args.process_index
+    return Path(args.output_dir) / (RUN_LOG_FILE if index == 0 else f"run.rank{index}.log")
+
+
+def in_notebook() -> bool:
+    """Running in a Jupyter kernel (the test `tqdm.auto` makes)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in shell.config
 
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-class _LoggedStream:
-    """A text stream that logs each complete line it is given. A carriage return starts the line over (tqdm redraws
-    its bar that way), so a progress bar is logged once, in its last state; terminal escape codes are dropped."""
-
-    def __init__(self, target: logging.Logger):
-        self._logger = target
-        self._line = ""
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            *lines, self._line = (self._line + text).split("\n")
-            self._line = self._line.rsplit("\r", 1)[-1]
-        for line in lines:
-            line = _ANSI_ESCAPE.sub("", line.rsplit("\r", 1)[-1]).rstrip()
-            if line.strip():
-                self._logger.info(line)
-        return len(text)
-
-    def flush(self) -> None:
-        with self._lock:
-            line, self._line = _ANSI_ESCAPE.sub("", self._line).rstrip(), ""
-        if line.strip():
-            self._logger.info(line)
-
-    def isatty(self) -> bool:
-        return False
 
 
 class _StepProgress:
@@ -105,10 +77,12 @@ class _StepProgress:
         self.training_started: float | None = None
         self.training_seconds = 0.0
 
-    def status(self) -> str:
+    def status(self, in_bar: bool = False) -> str:
+        """The display's line; `in_bar`: what a tqdm bar shows after its label and call count."""
         elapsed = time.perf_counter() - self.started
         expected = f"/{self.expected_calls}" if self.expected_calls is not None else ""
-        parts = [self.label, f"calls {self.calls}{expected}", f"passing {self.passing}"]
+        parts = [] if in_bar else [self.label, f"calls {self.calls}{expected}"]
+        parts.append(f"passing {self.passing}")
         if self.unparseable:
             parts.append(f"unparseable {self.unparseable}")
         if self.errors:
@@ -157,7 +131,7 @@ class ProgramCallCounter(BaseCallback):
 
 class _TrainingProgress(TrainerCallback):
     """Replaces transformers' progress bar and log printer during the w steps' fine-tuning: the training steps show
-    in the step's display, the logged values go to run.log."""
+    in the step's display, the logged values go to bt_trl's log (and `trainer.state.log_history`)."""
 
     def __init__(self, console: RunConsole):
         self.console = console
@@ -175,55 +149,42 @@ class _TrainingProgress(TrainerCallback):
         self.console._training_ended()
 
 
-class _ConsoleOnce(logging.Handler):
-    """Shows a log record on the console the first time its message template is seen."""
-
-    def __init__(self, console: RunConsole, level: int):
-        super().__init__(level)
-        self.console = console
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.console._first_time(("log", record.name, str(record.msg))):
-            self.console.print(f"{record.levelname.lower()}: {record.getMessage()}", stream=self.console._stderr)
-
-
 class RunConsole:
-    """The console of one trainer (see the module docstring).
+    """The display of one trainer (see the module docstring).
 
     Args:
         output_dir: where `run.log` is written.
-        interactive: redraw a live line when the output is a terminal (`disable_tqdm` turns it off); else, and when
-            the output is not a terminal, print plain lines.
-        log_level: bt_trl's own messages at this level and above are shown on the console (each once).
+        interactive: a bar in a notebook, a redrawn line on a terminal (`disable_tqdm` turns both off); else, and when
+            the output is not a terminal, plain lines.
         is_main: only the main process displays anything; every process logs (`run.log`, `run.rank<i>.log`).
         log_name: the log file's name.
+        stdout: where the display goes; by default the process's `sys.stdout` at the time of writing.
     """
 
-    def __init__(self, output_dir: str | Path, *, interactive: bool = True, log_level: int = logging.WARNING,
-                 is_main: bool = True, log_name: str = RUN_LOG_FILE):
+    def __init__(self, output_dir: str | Path, *, interactive: bool = True, is_main: bool = True,
+                 log_name: str = RUN_LOG_FILE, stdout: TextIO | None = None):
         self.log_path = Path(output_dir) / log_name
         self.interactive = interactive
-        self.log_level = log_level
         self.is_main = is_main
+        self.stdout = stdout
         self.program_calls = ProgramCallCounter(self)
         self.training_callback = _TrainingProgress(self)
         self._lock = threading.RLock()
         self._depth = 0
         self._progress: _StepProgress | None = None
+        self._bar: tqdm | None = None  # the step's bar, in a notebook
         self._last_draw = 0.0
-        self._seen: set = set()
-        self._hidden = 0  # warnings in run.log only: repeats, and those of the libraries
         self.unparseable = 0  # in the current session
-        self._stdout = self._stderr = None  # the real streams, during a session
         self._live = False  # redrawing a live line (interactive, on a terminal)
+        self._notebook = False  # drawing a tqdm.auto bar (interactive, in a notebook)
 
     @classmethod
     def for_trainer(cls, args) -> RunConsole:
-        """The console a trainer with `args` (a `TrainingArguments`) uses: `disable_tqdm` and `log_level` (per process,
-        as transformers reads it) honoured."""
-        is_main = args.process_index == 0
-        return cls(args.output_dir, interactive=not args.disable_tqdm, log_level=args.get_process_log_level(),
-                   is_main=is_main, log_name=RUN_LOG_FILE if is_main else f"run.rank{args.process_index}.log")
+        """The console a trainer with `args` (a `TrainingArguments`) uses: `disable_tqdm` honoured, each process
+        logging to its own file."""
+        log_path = run_log_path(args)
+        return cls(log_path.parent, interactive=not args.disable_tqdm, is_main=args.process_index == 0,
+                   log_name=log_path.name)
 
     def replace_progress_callbacks(self, callback_handler) -> None:
         """Swaps transformers' progress bar and log printer for this console's training progress."""
@@ -248,12 +209,13 @@ class RunConsole:
         return counted
 
     # ------------------------------------------------------------------------------------------------------------
-    # The session: where output goes while a run is on
+    # The session: the duration of a run
     # ------------------------------------------------------------------------------------------------------------
 
     @contextmanager
     def session(self):
-        """Routes library logs, prints and warnings to `run.log` for the block (nested sessions share the outer one)."""
+        """For the block: bt_trl's log records also go to `run.log` and the program calls are counted (nested
+        sessions share the outer one). Nothing else of the process changes."""
         if self._depth:
             self._depth += 1
             try:
@@ -261,74 +223,42 @@ class RunConsole:
             finally:
                 self._depth -= 1
             return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(self.log_path, encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        routed = {name: logging.getLogger(name) for name in (*LIBRARY_LOGGERS, "bt_trl")}
-        saved = {name: (list(lg.handlers), lg.propagate, lg.level) for name, lg in routed.items()}
-        for lg in routed.values():
-            lg.handlers = [file_handler]
-            lg.propagate = False
-        bt_logger = routed["bt_trl"]
-        bt_logger.setLevel(min(logging.INFO, self.log_level))  # run.log gets bt_trl's info messages
-        if self.is_main:
-            bt_logger.addHandler(_ConsoleOnce(self, self.log_level))
-        for name in ("stdout", "stderr", "py.warnings"):
-            routed[name].setLevel(logging.INFO)
-        self._stdout, self._stderr = sys.stdout, sys.stderr
-        self._live = self.interactive and self.is_main and self._stdout.isatty()
-        sys.stdout, sys.stderr = _LoggedStream(routed["stdout"]), _LoggedStream(routed["stderr"])
-        previous_showwarning = warnings.showwarning
-        warnings.showwarning = functools.partial(self._show_warning, previous_showwarning)
+        bt_logger = logging.getLogger("bt_trl")
+        file_handler = None
+        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(self.log_path)
+                   for h in bt_logger.handlers):  # (the bt-trl command may log there already)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            file_handler = logging.FileHandler(self.log_path, encoding="utf-8")
+            file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            bt_logger.addHandler(file_handler)
+        self._notebook = self.interactive and self.is_main and in_notebook()
+        self._live = self.interactive and self.is_main and not self._notebook and self._stream().isatty()
         self._depth, self.unparseable = 1, 0
-        logger.info("session started")
         try:
             # DSPy passes its settings on to the threads of its optimizers and Evaluate; bt_trl's ProgramRunner too.
             with dspy.context(callbacks=[*dspy.settings.callbacks, self.program_calls]):
                 yield self
         finally:
             self._depth = 0
-            self._clear()
-            warnings.showwarning = previous_showwarning
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            sys.stdout, sys.stderr = self._stdout, self._stderr
-            self._stdout = self._stderr = None
-            for name, lg in routed.items():
-                lg.handlers, lg.propagate, lg.level = saved[name]
-            file_handler.close()
-
-    def _show_warning(self, previous, message, category, filename, lineno, file=None, line=None):
-        logging.getLogger("py.warnings").warning(
-            "%s", warnings.formatwarning(message, category, filename, lineno, line).rstrip())
-        if _from_library(filename):
-            with self._lock:
-                self._hidden += 1
-        elif self.is_main and self._first_time(("warning", category, str(message))):
-            with self._lock:
-                self._clear()
-                previous(message, category, filename, lineno, self._stderr, line)  # (pytest's recorder, if any)
-                self._draw(force=True)
-
-    def _first_time(self, key) -> bool:
-        with self._lock:
-            if key in self._seen:
-                self._hidden += 1
-                return False
-            self._seen.add(key)
-            return True
+            self.end()
+            if file_handler is not None:
+                bt_logger.removeHandler(file_handler)
+                file_handler.close()
 
     # ------------------------------------------------------------------------------------------------------------
     # The display
     # ------------------------------------------------------------------------------------------------------------
 
-    def print(self, text: str, stream=None) -> None:
+    def _stream(self) -> TextIO:
+        return self.stdout or sys.stdout
+
+    def print(self, text: str) -> None:
         """A line (or lines) on the console, below nothing: the live line is redrawn after it."""
         if not self.is_main:
             return
         with self._lock:
             self._clear()
-            stream = stream or self._stdout or sys.stdout
+            stream = self._stream()
             stream.write(text.rstrip("\n") + "\n")
             stream.flush()
             self._draw(force=True)
@@ -342,7 +272,10 @@ class RunConsole:
         """Starts the progress display of a step (or of any run of the program, e.g. a test set's scoring)."""
         with self._lock:
             self._progress = _StepProgress(label, expected_calls)
-        if not self._live:
+            if self._notebook:
+                self._bar = tqdm(total=expected_calls, desc=label, unit="call", leave=False,
+                                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} calls{postfix}")
+        if not (self._live or self._notebook):
             total = f"{'up to ' if expected_calls is not None else ''}{expected_calls or 'unknown'}"
             self.print(f"{label}: started ({total} program calls)")
         self._draw(force=True)
@@ -352,25 +285,26 @@ class RunConsole:
         with self._lock:
             self._clear()
             self._progress = None
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         if text:
             self.print(text)
 
     def end_step(self, step: StepResult) -> None:
-        """Ends the step's display, printing its results row (its unparseable answers noted: they are in run.log)."""
+        """Ends the step's display, printing its results row (its unparseable answers noted)."""
         unparseable = self._progress.unparseable if self._progress is not None else 0
         self.end(results_row(step, best_index=None, note=f"{unparseable} unparseable" if unparseable else ""))
 
     def finish(self, state: RunState, output_dir: str | Path) -> None:
         """The results table, the best step, and where the rest is."""
         best = state.best()
-        notes = [f"{self.unparseable} unparseable answers in full" if self.unparseable else "",
-                 f"{self._hidden} warnings not shown here" if self._hidden else ""]
-        notes = ", ".join(n for n in notes if n)
+        in_full = " in full" if logger.isEnabledFor(logging.INFO) else ""  # (logged at INFO: `_program_call_ended`)
+        note = f" ({self.unparseable} unparseable answers{in_full})" if self.unparseable else ""
         self.print(
             f"\n{results_header()}\n" + "".join(results_row(s, best.index) + "\n" for s in state.steps)
             + f"best step: {best.index} ({best.kind}), val score {best.val_score:.1f}; "
-            f"results, results.png, program.json and weights in {output_dir}; "
-            f"log: {self.log_path}{' (' + notes + ')' if notes else ''}"
+            f"results, results.png, program.json and weights in {output_dir}; log: {self.log_path}{note}"
         )
 
     def _program_call_ended(self, exception: BaseException | None) -> None:
@@ -411,25 +345,32 @@ class RunConsole:
                 progress.training_started = None
 
     def _draw(self, force: bool = False) -> None:
-        """Redraws the live line (a terminal), or prints a status line when one is due (not a terminal)."""
+        """Redraws the bar (a notebook) or the live line (a terminal), or prints a status line when one is due
+        (neither)."""
         if not self.is_main:
             return
         with self._lock:
             progress, now = self._progress, time.perf_counter()
-            if progress is None or self._stdout is None:
+            if progress is None or (not force and now - self._last_draw < REDRAW_INTERVAL):
                 return
-            if self._live:
-                if force or now - self._last_draw >= REDRAW_INTERVAL:
-                    width = shutil.get_terminal_size().columns - 1
-                    self._stdout.write("\r" + progress.status()[:width] + "\x1b[K")
-                    self._stdout.flush()
-                    self._last_draw = now
+            if self._bar is not None:
+                self._bar.n = progress.calls
+                self._bar.set_postfix_str(progress.status(in_bar=True), refresh=False)
+                self._bar.refresh()
+                self._last_draw = now
+            elif self._live:
+                stream = self._stream()
+                stream.write("\r" + progress.status()[:shutil.get_terminal_size().columns - 1] + "\x1b[K")
+                stream.flush()
+                self._last_draw = now
             elif now - max(self._last_draw, progress.started) >= NONINTERACTIVE_INTERVAL:
-                self._stdout.write(progress.status() + "\n")
-                self._stdout.flush()
+                stream = self._stream()
+                stream.write(progress.status() + "\n")
+                stream.flush()
                 self._last_draw = now
 
     def _clear(self) -> None:
         if self._live and self._progress is not None:
-            self._stdout.write("\r\x1b[K")
-            self._stdout.flush()
+            stream = self._stream()
+            stream.write("\r\x1b[K")
+            stream.flush()

@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 PROGRAM_FILE = hub.PROGRAM_FILE  # the file load_program reads
 SFT_DATASET_FILE = "sft_dataset.jsonl"
-# What a run writes at the top of output_dir besides its step folders (and run.log, which every session appends to):
+# What a run writes at the top of output_dir besides its step folders (and run.log, which every run appends to):
 # `overwrite_output_dir` removes them, so that no weights of the old run stay beside the new run's.
 RUN_FILES = (STATE_FILE, *RESULTS_FILES, PROGRAM_FILE, hub.METADATA_FILE, hub.ADAPTER_WEIGHTS_FILE,
              "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
@@ -133,10 +133,8 @@ class BetterTogetherTrainer(SFTTrainer):
         if model is None or isinstance(model, str):
             check_model_name_or_path(model)
             model = resolve_model_name_or_path(model)
-        # What the run prints (bt_trl/console.py); loading the model and preparing the datasets already log to run.log.
-        self.console = RunConsole.for_trainer(args)
-        with self.console.session():
-            super().__init__(model=model, args=args, train_dataset=datasets.Dataset.from_list([FORMAT_ROW]), **kwargs)
+        super().__init__(model=model, args=args, train_dataset=datasets.Dataset.from_list([FORMAT_ROW]), **kwargs)
+        self.console = RunConsole.for_trainer(args)  # what train() and evaluate_program() show (bt_trl/console.py)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.accelerator.num_processes == 1:
             # Without a GPU, accelerate gives each process a world of its own: N copies of the whole job.

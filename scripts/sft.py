@@ -5,12 +5,13 @@ prompts are re-optimized on the weights being trained and the SFT rows regenerat
 last epoch the prompts are re-optimized once more. Everything else is TRL's: flags, model loading, PEFT, saving.
 
     python scripts/sft.py --model_name_or_path embedded:smollm2-135m --output_dir out/sft_bettertogether --use_cpu \
-        --num_train_epochs 2 --max_steps 1000 --every_n_epochs 1 --train_size 8 --val_size 6 \
+        --num_train_epochs 2 --max_steps 10000 --every_n_epochs 1 --train_size 8 --val_size 6 \
         --use_peft --lora_r 16 --lora_alpha 32 --lora_target_modules all-linear --report_to none
 
-(`--max_steps` is an upper bound that an iterable train dataset requires; the callback ends training after
-`--num_train_epochs` epochs.) The config is `BetterTogetherConfig`, an `SFTConfig` whose BetterTogether fields
-(`--max_bootstrapped_demos`, `--generation_max_tokens`, ...) the callback reads.
+`--num_train_epochs` sets the training: the callback runs that many epochs and plans the learning-rate schedule over
+the steps they take on each round's rows. `--max_steps` is only a cap, which transformers requires of the callback's
+iterable train dataset when the trainer is built. The config is `BetterTogetherConfig`, an `SFTConfig` whose
+BetterTogether fields (`--max_bootstrapped_demos`, `--generation_max_tokens`, ...) the callback reads.
 """
 
 from __future__ import annotations

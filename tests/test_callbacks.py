@@ -16,8 +16,8 @@ from bt_trl.tasks import iris
 
 def sft_config(output_dir, **overrides):
     """The SFTTrainer's config: a BetterTogetherConfig (an SFTConfig), whose BetterTogether fields the callback
-    reads."""
-    values = {"num_train_epochs": 4, "max_steps": 1000, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
+    reads. `max_steps` is only the cap transformers requires of an iterable dataset: the epochs decide."""
+    values = {"num_train_epochs": 4, "max_steps": 1_000_000, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
               "logging_steps": 1, "save_strategy": "no", "report_to": "none", "bf16": False, "max_length": 1024,
               "generation_max_tokens": 48}
     return BetterTogetherConfig(str(output_dir), **{**values, **overrides})
@@ -43,9 +43,14 @@ def test_callback_re_optimizes_prompts_and_regenerates_rows_on_plain_sft_trainer
     assert 0 < first["traces_kept"] == first["rows"] <= first["traces_total"] == len(train)
     assert 0 < second["rows"] == len(callback.rows)
     assert "rows" not in last and all("val_score" in h for h in callback.history)
-    # Each round's rows were trained on for two epochs (the format row SFTTrainer read at construction never was).
+    # Each round's rows were trained on for two epochs (the format row SFTTrainer read at construction never was),
+    # and no more; the linear learning-rate schedule was planned over those steps, whatever the cap: it ends at 0.
     batches = [math.ceil(h["rows"] / 2) for h in (first, second)]
-    assert trainer.state.global_step == 2 * sum(batches)
+    assert trainer.state.global_step == trainer.state.max_steps == 2 * sum(batches)
+    rates = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert len(rates) == trainer.state.global_step and rates[0] == pytest.approx(1e-3)
+    assert rates[-1] == pytest.approx(1e-3 / trainer.state.global_step)
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
     # Demos were bootstrapped from the live model's passing answers; the adapter trained; gradient checkpointing was
     # back on after every round of generation.
     assert all(len(p.demos) == 2 for p in callback.program.predictors())
@@ -75,3 +80,28 @@ def test_callback_refuses_bad_input_and_a_start_with_nothing_to_train_on(tokeniz
     with pytest.raises(ValueError, match="no trace of the program passed the metric on the trainset"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_callback_steps_need_max_steps_only_as_a_cap(format_model, tokenizer, tmp_path):
+    train, val, _ = iris.load_splits(0, (4, 3, 0))
+
+    def callback():
+        return BetterTogetherCallback(iris.program(), iris.metric, train, val,
+                                      prompt_optimizer=dspy.LabeledFewShot(k=1))
+
+    # transformers refuses a dataset without a length and no max_steps when the trainer is built, before any callback
+    # event: the message names max_steps.
+    no_cap = callback()
+    with pytest.raises(ValueError, match="max_steps has to be specified"):
+        SFTTrainer(model=format_model, args=sft_config(tmp_path, max_steps=-1), train_dataset=no_cap.train_dataset,
+                   processing_class=tokenizer, callbacks=[no_cap])
+
+    # A cap below the epochs' steps stops training there, with a last prompt round, the schedule planned to the cap.
+    capped = callback()
+    trainer = SFTTrainer(model=format_model, args=sft_config(tmp_path, max_steps=3), processing_class=tokenizer,
+                         train_dataset=capped.train_dataset, callbacks=[capped],
+                         peft_config=LoraConfig(r=4, target_modules="all-linear"))
+    trainer.train()
+    assert trainer.state.global_step == 3 and capped.epochs_done < 4
+    assert "rows" not in capped.history[-1]
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)

@@ -1,6 +1,9 @@
 """What a run prints and writes besides its results: the console of `bt-trl train` (run as a user runs it, in a
-subprocess), run.log, the trainset/valset overlap warning, TensorBoard's event files, results.png, `bt-trl evaluate`."""
+subprocess), run.log, the process's output left alone when the trainer is used from Python (in-process and in a
+notebook), the trainset/valset overlap warning, TensorBoard's event files, results.png, `bt-trl evaluate`."""
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -10,15 +13,19 @@ import sys
 import warnings
 from pathlib import Path
 
+import nbformat
 import pytest
 import tomllib
 from conftest import tiny_model
 from matplotlib.image import imread
+from nbclient import NotebookClient
 from peft import LoraConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import TrainerCallback
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer, load_program
 from bt_trl.cli import main as bt_trl_main
+from bt_trl.cli.output import QuietConsole
 from bt_trl.console import RunConsole
 from bt_trl.core.runner import ProgramRunner
 from bt_trl.tasks import iris
@@ -43,12 +50,12 @@ def test_the_console_script_is_the_cli():
 
 
 @pytest.mark.parametrize("log_level", [logging.WARNING, logging.ERROR])
-def test_the_session_routes_library_output_to_run_log_and_shows_warnings_once(tmp_path, capsys, recwarn, log_level):
+def test_the_cli_routes_library_output_to_run_log_and_shows_warnings_once(tmp_path, capsys, recwarn, log_level):
     library_handlers = list(logging.getLogger("transformers").handlers)
-    console = RunConsole(tmp_path, interactive=True, log_level=log_level)
+    quiet = QuietConsole(tmp_path / "run.log", log_level=log_level)
     message = "a warning of the caller's"
-    with console.session(), warnings.catch_warnings():
-        warnings.simplefilter("always")  # every occurrence reaches the session, not only the first of each line
+    with quiet.routing(), RunConsole(tmp_path, stdout=quiet.stdout).session() as console, warnings.catch_warnings():
+        warnings.simplefilter("always")  # every occurrence reaches the routing, not only the first of each line
         for _ in range(3):
             logging.getLogger("bt_trl.trainer").warning("w step %d: nothing to train on", 2)
             warnings.warn(message, UserWarning, stacklevel=1)
@@ -63,10 +70,12 @@ def test_the_session_routes_library_output_to_run_log_and_shows_warnings_once(tm
     assert "a library's warning" in log and "a library's print" in log
     assert "a library's" not in shown.out + shown.err
     # bt_trl's own messages at the log level and above, once; a Python warning once (to whoever showed warnings
-    # before the session: here pytest's recorder); no redrawn line off a terminal.
+    # before the routing: here pytest's recorder); no redrawn line off a terminal; the repeats counted at the end.
     assert shown.err.count("nothing to train on") == (1 if log_level <= logging.WARNING else 0)
     assert [str(w.message) for w in recwarn] == [message]
     assert shown.out == "step 1/1 p: started (up to 10 program calls)\n| 1 | p | row |\n"
+    repeats = 4 if log_level <= logging.WARNING else 2
+    assert shown.err.endswith(f"({repeats} more warnings in {tmp_path / 'run.log'})\n")
     assert logging.getLogger("transformers").handlers == library_handlers  # restored
 
 
@@ -112,6 +121,95 @@ def test_bt_trl_train_prints_a_screenful_and_logs_the_rest(tokenizer, tmp_path):
     counted = re.search(r"\((\d+) unparseable answers in full", console)
     assert counted and int(counted.group(1)) == logged
     assert (output_dir / "results.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_used_from_python_a_run_leaves_the_process_output_alone(format_model, tokenizer, tmp_path):
+    """No logger's handlers, stream or warnings hook changes: a user's own handlers (on a library's logger, DSPy's and
+    the root logger) keep receiving records, and prints go where the user sends them, during train() and after. The
+    display and the results table go there too."""
+    received: list[str] = []
+
+    class Received(logging.Handler):
+        def emit(self, record):
+            received.append(record.getMessage())
+
+    handler = Received()
+    loggers = [logging.getLogger(), logging.getLogger("transformers"), logging.getLogger("dspy")]
+    printed = io.StringIO()
+    showwarning = warnings.showwarning
+    during: list[tuple[str, bool, bool, bool]] = []  # (event, sys.stdout unchanged, handlers there, hook unchanged)
+
+    def look(event: str) -> None:
+        during.append((event, sys.stdout is printed, all(handler in lg.handlers for lg in loggers),
+                       warnings.showwarning is showwarning))
+
+    def metric(example, prediction, trace=None):
+        look("metric")
+        print("printed by the metric")
+        logging.getLogger("transformers.user").warning("a library's record during train")
+        logging.getLogger("user.app").warning("the user's record during train")
+        return True  # every parseable answer passes: the w step trains
+
+    class Looking(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            look("training step")
+
+    train, val, _ = iris.load_splits(0, (4, 2, 0))
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        trainer = BetterTogetherTrainer(
+            model=format_model, args=config(tmp_path, generation_max_tokens=48), program=iris.program(),
+            metric=metric, trainset=train, valset=val, processing_class=tokenizer, callbacks=[Looking()],
+        )
+        with contextlib.redirect_stdout(printed):  # the user's choice of where prints go
+            trainer.train()
+            look("after train")
+            print("printed after train")
+            logging.getLogger("transformers.user").warning("a library's record after train")
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+    events = {event for event, *_ in during}
+    assert {"metric", "training step", "after train"} <= events
+    assert all(stdout_kept and handlers_kept and hook_kept for _, stdout_kept, handlers_kept, hook_kept in during)
+    shown = printed.getvalue()
+    assert "printed by the metric" in shown and "printed after train" in shown
+    assert "| step | kind | val score |" in shown and "best step:" in shown
+    for message in ("a library's record during train", "the user's record during train",
+                    "a library's record after train"):
+        assert message in received, message
+
+
+def test_a_notebook_shows_the_progress_and_the_results_table(tokenizer, tmp_path):
+    model_dir = tmp_path / "tiny-random"
+    tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    code = f"""
+import dspy
+from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
+from bt_trl.tasks import iris
+
+dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
+train, val, _ = iris.load_splits(0, (2, 2, 0))
+args = BetterTogetherConfig({str(tmp_path / "run")!r}, strategy="p", num_candidate_programs=0,
+                            max_bootstrapped_demos=1, max_labeled_demos=1, generation_max_tokens=8, use_cpu=True,
+                            report_to="none", save_strategy="no")
+trainer = BetterTogetherTrainer(model={str(model_dir)!r}, args=args, program=iris.program(), metric=iris.metric,
+                                trainset=train, valset=val)
+trainer.train()
+"""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = notebook.cells[0].outputs
+
+    assert not [o for o in outputs if o.output_type == "error"]
+    shown = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert "step 1/1 p:" in shown and "/10 calls, passing 0" in shown  # the step's tqdm.auto bar
+    assert "started (" not in shown  # (the plain lines of output that is not a terminal)
+    assert "| step | kind | val score |" in shown and "best step: 0 (vanilla)" in shown
 
 
 def test_shared_trainset_and_valset_are_warned_about_before_any_work(tokenizer, tmp_path):

@@ -11,14 +11,14 @@ the same examples). Prints the score and writes it to `<output_dir>/evaluation_<
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import TrlParser
 
+from bt_trl.cli.output import QuietConsole
 from bt_trl.cli.train import TaskArguments
-from bt_trl.console import RunConsole
+from bt_trl.console import RUN_LOG_FILE, RunConsole
 from bt_trl.core.runner import ProgramRunner
 from bt_trl.integrations.hub import load_program
 from bt_trl.serving.engine import GenerationSettings
@@ -48,8 +48,8 @@ def evaluate(eval_args: EvaluateArguments, task_args: TaskArguments) -> dict:
         raise ValueError(f"the {eval_args.split} split is empty: set --{eval_args.split}_size")
     output_dir = Path(eval_args.output_dir or (
         eval_args.run if Path(eval_args.run).is_dir() else Path("evaluation") / Path(eval_args.run).name))
-    console = RunConsole(output_dir, log_level=logging.WARNING)
-    with console.session():
+    quiet = QuietConsole(output_dir / RUN_LOG_FILE)
+    with quiet.routing(), RunConsole(output_dir, stdout=quiet.stdout).session() as console:
         settings = None if eval_args.generation_max_tokens is None else GenerationSettings(
             max_tokens=eval_args.generation_max_tokens)
         program = load_program(eval_args.run, program=task.program(), revision=eval_args.revision, settings=settings)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from trl import ModelConfig, TrlParser
 
+from bt_trl.cli.output import QuietConsole
 from bt_trl.cli.train import SUMMARY_FILE, TaskArguments, build_trainer, train_and_test
 from bt_trl.config import BetterTogetherConfig
 from bt_trl.core.interrupts import raise_if_interrupted
@@ -160,20 +161,23 @@ def run_one(task: Task, args: BetterTogetherConfig, model_args: ModelConfig, str
     resume = str(folder) if interrupted or shared is not None else None
     run_args = dataclasses.replace(args, output_dir=str(folder), seed=seed, resume_from_checkpoint=resume,
                                    strategy=args.strategy if strategy == VANILLA else strategy)
-    trainer = build_trainer(task, run_args, model_args)
-    try:
-        summary = score_vanilla(trainer, task) if strategy == VANILLA else train_and_test(trainer, task)
-        if shared is not None and summary is not None:
-            run, steps = shared
-            summary["wall_seconds"] = round(summary["wall_seconds"] + sum(s.seconds for s in run.steps[:steps]), 1)
-            summary["started_from"] = str(run.folder.relative_to(args.output_dir))
-            (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    finally:
-        if isinstance(trainer.program, ServedProgram):
-            # Its generation worker holds the model: stopped, this run's model can be freed before the next loads.
-            trainer.program.close()
-        del trainer
-        release_freed_memory()
+    quiet = QuietConsole.for_run(run_args)
+    with quiet.routing():
+        trainer = build_trainer(task, run_args, model_args, quiet)
+        try:
+            summary = score_vanilla(trainer, task) if strategy == VANILLA else train_and_test(trainer, task)
+            if shared is not None and summary is not None:
+                run, steps = shared
+                reused_seconds = sum(s.seconds for s in run.steps[:steps])
+                summary["wall_seconds"] = round(summary["wall_seconds"] + reused_seconds, 1)
+                summary["started_from"] = str(run.folder.relative_to(args.output_dir))
+                (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        finally:
+            if isinstance(trainer.program, ServedProgram):
+                # Its generation worker holds the model: stopped, this run's model can be freed before the next loads.
+                trainer.program.close()
+            del trainer
+            release_freed_memory()
 
 
 def release_freed_memory() -> None:

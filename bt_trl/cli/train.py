@@ -19,6 +19,7 @@ from pathlib import Path
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
+from bt_trl.cli.output import QuietConsole
 from bt_trl.config import BetterTogetherConfig
 from bt_trl.serving.models import EMBEDDED_MODEL, check_model_name_or_path
 from bt_trl.tasks import TASKS, Task, load_task
@@ -53,7 +54,10 @@ class TaskArguments:
                          data_path=self.data_path, retriever=self.retriever)
 
 
-def build_trainer(task: Task, args: BetterTogetherConfig, model_args: ModelConfig) -> BetterTogetherTrainer:
+def build_trainer(task: Task, args: BetterTogetherConfig, model_args: ModelConfig,
+                  quiet: QuietConsole) -> BetterTogetherTrainer:
+    """The trainer of a run, built inside `quiet.routing()` (loading the model logs to run.log), its display on the
+    terminal."""
     trainer = BetterTogetherTrainer(
         model=model_args.model_name_or_path or EMBEDDED_MODEL,
         args=args,
@@ -64,6 +68,7 @@ def build_trainer(task: Task, args: BetterTogetherConfig, model_args: ModelConfi
         peft_config=get_peft_config(model_args),
     )
     trainer.task_name = task.name  # recorded on push: load_program rebuilds the task's program
+    trainer.console.stdout = quiet.stdout
     return trainer
 
 
@@ -82,16 +87,18 @@ def train_and_test(trainer: BetterTogetherTrainer, task: Task) -> dict | None:
                "wall_seconds": round(seconds, 1)}
     Path(args.output_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     tested = f"test score: {test_score:.1f} ({test.passed}/{test.total} passing)" if test else "no test set"
-    print(f"{tested}; wall time {seconds:.0f} s; outputs in {args.output_dir}")
+    trainer.console.print(f"{tested}; wall time {seconds:.0f} s; outputs in {args.output_dir}")
     return summary
 
 
 def main(task_args: TaskArguments, args: BetterTogetherConfig, model_args: ModelConfig) -> dict | None:
     check_model_name_or_path(model_args.model_name_or_path)  # an unknown embedded: name fails before the data loads
     task = task_args.load()
-    trainer = build_trainer(task, args, model_args)
-    summary = train_and_test(trainer, task)
-    trainer.end()  # under `accelerate launch`, the job exits cleanly (bt_trl.core.ranks.end_job)
+    quiet = QuietConsole.for_run(args)
+    with quiet.routing():
+        trainer = build_trainer(task, args, model_args, quiet)
+        summary = train_and_test(trainer, task)
+        trainer.end()  # under `accelerate launch`, the job exits cleanly (bt_trl.core.ranks.end_job)
     return summary
 
 

@@ -34,8 +34,8 @@ from dspy.teleprompt import BootstrapFewShot
 from bt_trl.core.runner import MetricValueError
 from bt_trl.core.threads import map_in_threads
 
-# DSPy's own bootstrapping logger: the failures it reports are DSPy's messages, routed (bt_trl/console.py: to run.log)
-# as DSPy's are.
+# DSPy's own bootstrapping logger: the failures it reports are DSPy's messages, handled as DSPy's are (by the user's
+# logging; by bt-trl: to run.log).
 logger = logging.getLogger(BootstrapFewShot.__module__)
 
 

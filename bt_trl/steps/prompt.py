@@ -8,10 +8,7 @@ the results DSPy's sequential run gives under greedy decoding. Other teleprompte
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
-import logging
 import sys
 from contextlib import nullcontext
 
@@ -26,8 +23,6 @@ from bt_trl.serving.settings import GenerationSettings
 from bt_trl.steps.bootstrap import BatchedBootstrapFewShot
 from bt_trl.steps.random_search import ConcurrentRandomSearch
 
-logger = logging.getLogger(__name__)
-
 # DSPy's Evaluate cancels a whole evaluation after `max_errors` failed calls (10 by default). A small model's
 # unparseable answers are ordinary failures here: they score 0 and the search goes on.
 NO_ERROR_LIMIT = sys.maxsize
@@ -37,19 +32,16 @@ def default_prompt_optimizer(metric, *, max_bootstrapped_demos: int = 3, max_lab
                              num_candidate_programs: int = 6, num_threads: int = 8, max_rounds: int = 1,
                              metric_threshold: float | None = None) -> Teleprompter:
     """The paper's prompt step: bootstrapped + labeled few-shot demos, random search over candidate sets."""
-    with contextlib.redirect_stdout(io.StringIO()) as printed:  # its constructor prints the settings given here
-        optimizer = BootstrapFewShotWithRandomSearch(
-            metric=metric,
-            metric_threshold=metric_threshold,
-            max_bootstrapped_demos=max_bootstrapped_demos,
-            max_labeled_demos=max_labeled_demos,
-            num_candidate_programs=num_candidate_programs,
-            num_threads=num_threads,
-            max_rounds=max_rounds,
-            max_errors=NO_ERROR_LIMIT,
-        )
-    logger.debug(printed.getvalue().strip())
-    return optimizer
+    return BootstrapFewShotWithRandomSearch(
+        metric=metric,
+        metric_threshold=metric_threshold,
+        max_bootstrapped_demos=max_bootstrapped_demos,
+        max_labeled_demos=max_labeled_demos,
+        num_candidate_programs=num_candidate_programs,
+        num_threads=num_threads,
+        max_rounds=max_rounds,
+        max_errors=NO_ERROR_LIMIT,
+    )
 
 
 def expected_program_calls(optimizer: Teleprompter, train_size: int, val_size: int) -> int | None:
