@@ -352,6 +352,7 @@ class BetterTogetherTrainer(SFTTrainer):
             seconds=time.perf_counter() - started,
             completion_tokens=sum(stats.completion_tokens for stats in stats_per_rank),
             program_calls=sum(calls_per_rank), lm_calls_per_rank=calls_per_rank,
+            model_seconds=sum(stats.forward_seconds for stats in stats_per_rank),
         )
         if traces is not None:
             s = traces.summary
@@ -378,11 +379,13 @@ class BetterTogetherTrainer(SFTTrainer):
                 "step": index, "val_score": result.val_score, "traces_kept": result.traces_kept,
                 "traces_total": result.traces_total, "pass_rate": result.pass_rate,
                 "completion_tokens": result.completion_tokens, "program_calls": result.program_calls,
-                "step_seconds": result.seconds,
+                "step_seconds": result.seconds, "model_time_share": result.model_time_share,
             }.items() if v is not None})
         finally:
             self.state.global_step = global_step
-        logger.info("BetterTogether step %d (%s): val score %.1f", index, kind, result.val_score)
+        logger.info("BetterTogether step %d (%s): val score %.1f; model time share %.0f%% (forward passes %.1f s of "
+                    "%.1f s)", index, kind, result.val_score, result.model_time_share, result.model_seconds,
+                    result.seconds)
         self.console.end_step(result)
         return result
 

@@ -105,10 +105,12 @@ def test_concurrent_dspy_calls_are_batched(format_model, tokenizer):
     settings = GenerationSettings(max_tokens=48, max_batch_size=8, batch_wait=0.2)
     with serving_lm(backend, "test-batching", settings) as lm:
         lm.cache = False
+        started = time.perf_counter()
         with dspy.context(lm=lm):
             result = dspy.Evaluate(devset=val, metric=iris.metric, num_threads=8, display_progress=False)(
                 iris.program())
         stats = lm.engine.stats
+        assert 0 < stats.forward_seconds < time.perf_counter() - started  # the model's own share of the calls' time
         assert stats.requests == 8
         assert stats.batches < 8 and max(n for n, _ in backend.calls) > 1
         assert all(len(params) == n for n, params in backend.calls)

@@ -58,6 +58,8 @@ def test_p_w_p_end_to_end(format_model, tokenizer, tmp_path):
         demos = json.loads((tmp_path / step / "program.json").read_text())["predict"]["demos"]
         assert len(demos) == 2 and all(d["reasoning"] == "The petals decide it." for d in demos)
     assert steps[1]["program_calls"] > 0 and steps[1]["completion_tokens"] > 0
+    # The model's forward passes took part of every step's time, measured (the model time share).
+    assert all(0 < step["model_seconds"] < step["seconds"] for step in steps)
 
     # The w step trained on the program's passing traces, and the loss went down.
     w = steps[2]

@@ -36,6 +36,7 @@ class StepResult:
     completion_tokens: int = 0  # generated in this step (optimization + valset scoring), all ranks
     program_calls: int = 0  # LM calls generated in this step, all ranks
     lm_calls_per_rank: list[int] | None = None  # the same, per rank
+    model_seconds: float = 0.0  # in the model's forward passes while generating this step's calls, all ranks
     # w steps only
     traces_kept: int | None = None
     traces_total: int | None = None
@@ -51,6 +52,12 @@ class StepResult:
     @property
     def name(self) -> str:
         return step_dir_name(self.index, self.kind)
+
+    @property
+    def model_time_share(self) -> float:
+        """The share of the step's time (on each rank) that the model's forward passes took, in percent."""
+        ranks = len(self.lm_calls_per_rank or [None])
+        return 100.0 * self.model_seconds / (self.seconds * ranks) if self.seconds else 0.0
 
     @property
     def pass_rate(self) -> float | None:

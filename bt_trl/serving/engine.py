@@ -55,6 +55,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+    forward_seconds: float = 0.0  # this row's share of its batch's time in the model's forward passes
 
 
 class GenerationBackend(Protocol):
@@ -122,7 +123,7 @@ class TransformersBackend:
             # Built-in warpers are neutral (temperature 1, top-p 1, no top-k); _RowSampling applies each row's own.
             sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0}
             processors.append(_RowSampling(params, device))
-        with torch.no_grad():
+        with torch.no_grad(), _ForwardTimer(self.model) as timer:
             out = self.model.generate(
                 input_ids=torch.tensor(input_ids, device=device),
                 attention_mask=torch.tensor(attention, device=device),
@@ -154,6 +155,7 @@ class TransformersBackend:
                     prompt_tokens=len(row),
                     completion_tokens=end,
                     finish_reason="stop" if eos_at is not None or cut >= 0 else "length",
+                    forward_seconds=timer.seconds / len(rows),
                 )
             )
         return results
@@ -172,6 +174,33 @@ class TransformersBackend:
         batch_cache = copy.deepcopy(cache)
         batch_cache.batch_repeat_interleave(batch_size)
         return batch_cache
+
+
+class _ForwardTimer:
+    """Adds up the time spent in the forward passes of `model` (the innermost causal LM under a PEFT wrapper) while
+    the block runs: the engine reports it as the share of program calls' time that is the model's own."""
+
+    def __init__(self, model):
+        self.module = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> _ForwardTimer:
+        self._hooks = [self.module.register_forward_pre_hook(self._start),
+                       self.module.register_forward_hook(self._stop)]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _start(self, module, args) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, module, args, output) -> None:
+        if output.logits.is_cuda:  # kernels run asynchronously: the pass ends when they do
+            torch.cuda.synchronize(output.logits.device)
+        self.seconds += time.perf_counter() - self._started
 
 
 class _RowTokenLimits(StoppingCriteria):
@@ -249,10 +278,11 @@ class EngineStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     failed_requests: int = 0  # requests whose generation raised (the error went to the caller)
+    forward_seconds: float = 0.0  # time in the model's forward passes (the backends that measure it)
 
     def snapshot(self) -> EngineStats:
         return EngineStats(self.requests, self.batches, self.prompt_tokens, self.completion_tokens,
-                           self.failed_requests)
+                           self.failed_requests, self.forward_seconds)
 
     def add(self, other: EngineStats) -> None:
         self.requests += other.requests
@@ -260,6 +290,7 @@ class EngineStats:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.failed_requests += other.failed_requests
+        self.forward_seconds += other.forward_seconds
 
     def count(self, generations: Sequence[Generation]) -> None:
         """Adds one backend call that produced `generations`."""
@@ -267,6 +298,7 @@ class EngineStats:
         self.batches += 1
         self.prompt_tokens += sum(g.prompt_tokens for g in generations)
         self.completion_tokens += sum(g.completion_tokens for g in generations)
+        self.forward_seconds += sum(g.forward_seconds for g in generations)
 
 
 class BatchingEngine:
