@@ -55,7 +55,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
-    forward_seconds: float = 0.0  # this row's share of its batch's time in the model's forward passes
+    # this row's share of its batch's time in the model's forward passes: a measurement, not part of what was generated
+    forward_seconds: float = field(default=0.0, compare=False)
 
 
 class GenerationBackend(Protocol):
