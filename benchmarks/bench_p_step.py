@@ -5,7 +5,7 @@ Both sides compile the Iris ChainOfThought with `BootstrapFewShotWithRandomSearc
 p step (`--bootstrapped` + `--labeled` demos, `--candidates` candidate programs) on the embedded SmolLM2-135M-Instruct,
 greedy, `--max-tokens` new tokens, every call served by the same engine (`serving_lm` on `TransformersBackend`):
 
-* p step: `prompt_step.optimize_prompts` (what `BetterTogetherTrainer` runs): `--threads` examples bootstrapped at
+* p step: `steps.prompt.optimize_prompts` (what `BetterTogetherTrainer` runs): `--threads` examples bootstrapped at
   once, all candidates built and scored concurrently;
 * sequential: DSPy's optimizer itself with `num_threads=1`: one request at a time.
 

@@ -251,7 +251,7 @@ class ModelEngine(BatchingEngine):
     # -- fine-tuning ---------------------------------------------------------------------------------------------
 
     def finetune(self, source: str, rows: list[dict], train_kwargs: dict[str, Any]) -> str:
-        """Trains a new version from version `source` on prompt/completion `rows` (see `weight_step.chat_row`) and
+        """Trains a new version from version `source` on prompt/completion `rows` (see `steps.sft.chat_row`) and
         returns its LM name. LoRA (`use_peft`, the default): a new adapter, starting from `source`'s adapter when it
         has one (whose LoRA configuration it keeps), else fresh. Full: a copy of `source`'s whole model."""
         options = {**DEFAULT_TRAIN_KWARGS, **train_kwargs}

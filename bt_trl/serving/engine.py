@@ -1,6 +1,6 @@
 """The LM engine: DSPy program calls served from the live model being trained.
 
-Two layers, so that the generation backend can change (batched transformers here, vLLM in `vllm_backend.py`)
+Two layers, so that the generation backend can change (batched transformers here, vLLM in `vllm.py`)
 without touching DSPy or the trainer:
 
 * `GenerationBackend` — the one small interface: a batch of chat prompts + one `SamplingParams` each in, one

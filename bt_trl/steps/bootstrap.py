@@ -51,19 +51,24 @@ class _Attempt:
     crash: Exception | None = None  # an error DSPy does not catch: it ends compile()
 
 
-class BatchedBootstrapFewShot(BootstrapFewShot):
-    """`dspy.BootstrapFewShot` with the teacher run on `examples_at_once` training examples concurrently.
-
-    Same arguments and results as DSPy's optimizer (see the module docstring); `examples_at_once` is how many
-    training examples the teacher runs on together: the batch the engine sees. Attempts past the point where DSPy
-    would stop are wasted work, so it need not be larger than the engine's batch.
-    """
+class ExamplesAtOnce:
+    """Mixin of the batched optimizers: `examples_at_once`, how many training examples run together (the batch the
+    engine sees), after the DSPy optimizer's own arguments."""
 
     def __init__(self, *args, examples_at_once: int = 8, **kwargs):
         super().__init__(*args, **kwargs)
         if examples_at_once < 1:
             raise ValueError(f"examples_at_once must be at least 1, got {examples_at_once}")
         self.examples_at_once = examples_at_once
+
+
+class BatchedBootstrapFewShot(ExamplesAtOnce, BootstrapFewShot):
+    """`dspy.BootstrapFewShot` with the teacher run on `examples_at_once` training examples concurrently.
+
+    Same arguments and results as DSPy's optimizer (see the module docstring); `examples_at_once` is how many
+    training examples the teacher runs on together: the batch the engine sees. Attempts past the point where DSPy
+    would stop are wasted work, so it need not be larger than the engine's batch.
+    """
 
     @classmethod
     def like(cls, optimizer: BootstrapFewShot, examples_at_once: int = 8) -> BatchedBootstrapFewShot:

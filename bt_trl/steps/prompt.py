@@ -1,8 +1,8 @@
 """The `p` step: optimize the program's prompts with a DSPy teleprompter, generating with the current weights.
 
 DSPy's bootstrapping optimizers run their LM calls one at a time; the p step runs them as batches
-(`as_batched`): `BootstrapFewShot` bootstraps many training examples at once (`batched_bootstrap.py`) and
-`BootstrapFewShotWithRandomSearch` also builds and scores its candidates concurrently (`concurrent_search.py`), with
+(`as_batched`): `BootstrapFewShot` bootstraps many training examples at once (`bootstrap.py`) and
+`BootstrapFewShotWithRandomSearch` also builds and scores its candidates concurrently (`random_search.py`), with
 the results DSPy's sequential run gives under greedy decoding. Other teleprompters run unchanged.
 """
 

@@ -20,22 +20,16 @@ from dspy.teleprompt import BootstrapFewShotWithRandomSearch, LabeledFewShot
 
 from bt_trl.core.runner import MetricValueError
 from bt_trl.core.threads import map_in_threads
-from bt_trl.steps.bootstrap import BatchedBootstrapFewShot
+from bt_trl.steps.bootstrap import BatchedBootstrapFewShot, ExamplesAtOnce
 
 logger = logging.getLogger(__name__)
 
 SEEDS_BEFORE_SHUFFLED = (-3, -2, -1)  # DSPy's seeds: -3 zero-shot, -2 labeled only, -1 unshuffled, 0.. shuffled
 
 
-class ConcurrentRandomSearch(BootstrapFewShotWithRandomSearch):
+class ConcurrentRandomSearch(ExamplesAtOnce, BootstrapFewShotWithRandomSearch):
     """`dspy.BootstrapFewShotWithRandomSearch` with its candidates built and scored concurrently and its bootstrapping
     batched over `examples_at_once` training examples. Same arguments (plus `examples_at_once`) and results."""
-
-    def __init__(self, *args, examples_at_once: int = 8, **kwargs):
-        super().__init__(*args, **kwargs)
-        if examples_at_once < 1:
-            raise ValueError(f"examples_at_once must be at least 1, got {examples_at_once}")
-        self.examples_at_once = examples_at_once
 
     @classmethod
     def like(cls, search: BootstrapFewShotWithRandomSearch, examples_at_once: int = 8) -> ConcurrentRandomSearch:
