@@ -13,7 +13,6 @@ import logging
 import numbers
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -22,6 +21,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from bt_trl.core.interrupts import raise_if_interrupted
 from bt_trl.core.ranks import Ranks
+from bt_trl.core.threads import map_in_threads
 from bt_trl.serving.structured import structured_adapter
 
 logger = logging.getLogger(__name__)
@@ -291,11 +291,7 @@ class ProgramRunner:
                 result.error = "metric"
             return result
 
-        pool = ThreadPoolExecutor(max_workers=max(1, min(self.num_threads, len(examples))))
-        try:
-            return list(pool.map(call, examples))
-        finally:  # on Ctrl-C, the calls not started yet are dropped: the run stops after those in flight
-            pool.shutdown(wait=True, cancel_futures=True)
+        return map_in_threads(call, examples, self.num_threads)
 
     def evaluate(self, program: dspy.Module, examples: list[dspy.Example], lm: dspy.LM) -> RunSummary:
         calls = self.run(program, examples, lm)
