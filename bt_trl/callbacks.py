@@ -21,8 +21,15 @@ The steps: `callback.train_dataset` is a `datasets.IterableDataset` that reads t
 epoch, since the rows change between rounds. transformers refuses a dataset without a length unless `max_steps` is set,
 when the trainer is built (before any callback runs), so `max_steps` is required; it is a cap, not a plan. The callback
 ends each epoch when its rows are done, stops after `num_train_epochs` epochs (or at `max_steps`, whichever comes
-first), and plans `state.max_steps` and the learning-rate schedule over the steps the epochs take on the current rows,
-again at each round: the schedule ends on the last step actually run.
+first, with a warning when the cap comes first), and plans `state.max_steps` and the learning-rate schedule over the
+steps the epochs take on the current rows, again at each round: the schedule ends on the last step actually run.
+
+Why not a dataset with a length, so that `num_train_epochs` alone would do: `SFTTrainer` takes only a `datasets.Dataset`
+or `IterableDataset` (anything else is a TypeError), and tokenizes a `Dataset` into a new one when it is built, with
+no model output to train on yet (the callback first sees the model at `on_init_end`, after transformers' length
+check); a `Dataset`'s rows are fixed Arrow rows, and the one way to read them through a function (`with_transform`)
+is refused by `SFTTrainer`. transformers also fixes an epoch's steps from the dataset's length when `train()` begins.
+The rows that change each round therefore need an `IterableDataset`, which has no length.
 """
 
 from __future__ import annotations
@@ -100,6 +107,7 @@ class BetterTogetherCallback(TrainerCallback):
         self.epochs_done = 0
         self._epoch_steps = 0  # optimizer steps an epoch on the current rows takes
         self._epoch_ends_at = 0  # the global step the current epoch ends at
+        self._cap_warned = False  # whether max_steps was found to end training before the epochs do
         # SFTTrainer reads the first row when it is built, before any generation: until the first round (at
         # on_train_begin) the dataset holds one row declaring the format of the rows to come.
         self._pool = _RowPool([FORMAT_ROW])
@@ -182,7 +190,14 @@ class BetterTogetherCallback(TrainerCallback):
         # An iterable epoch's last, partial gradient accumulation makes no optimizer step in transformers' loop.
         self._epoch_steps = batches // args.gradient_accumulation_steps
         epochs_left = math.ceil(args.num_train_epochs) - self.epochs_done
-        state.max_steps = min(state.global_step + epochs_left * self._epoch_steps, args.max_steps)
+        planned = state.global_step + epochs_left * self._epoch_steps
+        if args.max_steps < planned and not self._cap_warned:
+            self._cap_warned = True
+            warnings.warn(f"max_steps={args.max_steps} ends training before num_train_epochs="
+                          f"{args.num_train_epochs} does: on the current rows the epochs end at step {planned}. "
+                          "max_steps is only the cap transformers requires of the callback's iterable dataset: set it "
+                          "above the epochs' steps to train them all", stacklevel=2)
+        state.max_steps = min(planned, args.max_steps)
         if isinstance(lr_scheduler, LambdaLR):
             _replan_learning_rate(lr_scheduler, args, state.max_steps)
 

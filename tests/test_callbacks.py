@@ -96,12 +96,15 @@ def test_callback_steps_need_max_steps_only_as_a_cap(format_model, tokenizer, tm
         SFTTrainer(model=format_model, args=sft_config(tmp_path, max_steps=-1), train_dataset=no_cap.train_dataset,
                    processing_class=tokenizer, callbacks=[no_cap])
 
-    # A cap below the epochs' steps stops training there, with a last prompt round, the schedule planned to the cap.
+    # A cap below the epochs' steps stops training there, with a last prompt round, the schedule planned to the cap,
+    # and a warning naming the cap, since a cap meant as a formality would otherwise cut the epochs silently.
     capped = callback()
     trainer = SFTTrainer(model=format_model, args=sft_config(tmp_path, max_steps=3), processing_class=tokenizer,
                          train_dataset=capped.train_dataset, callbacks=[capped],
                          peft_config=LoraConfig(r=4, target_modules="all-linear"))
-    trainer.train()
+    with pytest.warns(UserWarning, match=r"max_steps=3 ends training before num_train_epochs=4 does") as caught:
+        trainer.train()
+    assert sum("ends training before" in str(w.message) for w in caught) == 1  # once, not at every round
     assert trainer.state.global_step == 3 and capped.epochs_done < 4
     assert "rows" not in capped.history[-1]
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
