@@ -8,6 +8,7 @@ from trl import SFTConfig
 
 from bt_trl.serving.settings import GenerationSettings
 from bt_trl.steps.strategy import PROMPT_STEP, parse_strategy
+from bt_trl.steps.validation import WEIGHT_STEP_EVALS
 
 W_STEP_INITS = ("continue", "base")
 GENERATION_BACKENDS = ("transformers", "vllm")
@@ -64,6 +65,21 @@ class BetterTogetherConfig(SFTConfig):
             default, as DSPy's `BootstrapFinetune` keeps them), they teach the model to answer as the program does;
             dropped, a model that copies the placeholder in most runs leaves the step little to train on
             (`results/iris_qwen05`, `results/iris_qwen15`).
+
+        > Parameters that control the weight step's validation
+
+        weight_step_eval (`str`, *optional*, defaults to `"epoch"`):
+            When a `w` step scores the program, served from the weights it is training, on the valset: `"epoch"`
+            (after every epoch), `"steps"` (every `weight_step_eval_steps` optimizer steps and at the end) or `"no"`.
+            The step keeps the weights of its best checkpoint; with `"no"` it keeps the weights of its last one.
+        weight_step_eval_steps (`int`, *optional*, defaults to `10`):
+            With `weight_step_eval="steps"`: optimizer steps between two checkpoints.
+        weight_step_eval_size (`int`, *optional*):
+            Score the checkpoints on a seeded sample of this many valset examples (default: the whole valset).
+        weight_step_keep_start (`bool`, *optional*, defaults to `True`):
+            When every checkpoint scores below the weights the `w` step started from, end the step on those (its
+            results row says so). `False` keeps the best checkpoint even then. Among equal scores the latest
+            checkpoint is kept.
 
         > Parameters that control generation (program calls served from the live model)
 
@@ -144,6 +160,21 @@ class BetterTogetherConfig(SFTConfig):
         metadata={"help": "w step: leave out passing runs that copied DSPy's missing-field placeholder "
                           "('Not supplied for this particular example.')."},
     )
+    weight_step_eval: str = field(
+        default="epoch",
+        metadata={"help": "When a w step scores the program on the valset while it trains: 'epoch', 'steps' or 'no'.",
+                  "choices": list(WEIGHT_STEP_EVALS)},
+    )
+    weight_step_eval_steps: int = field(
+        default=10, metadata={"help": "With weight_step_eval='steps': optimizer steps between two checkpoints."}
+    )
+    weight_step_eval_size: int | None = field(
+        default=None, metadata={"help": "Score a w step's checkpoints on a sample of this many valset examples."}
+    )
+    weight_step_keep_start: bool = field(
+        default=True,
+        metadata={"help": "A w step ends on its starting weights when every checkpoint scores below them."},
+    )
     num_threads: int = field(default=8, metadata={"help": "Concurrent program calls (DSPy threads)."})
     generation_batch_size: int = field(default=8, metadata={"help": "Maximum requests generated in one batch."})
     generation_batch_wait: float = field(
@@ -205,7 +236,13 @@ class BetterTogetherConfig(SFTConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if PROMPT_STEP in self.steps:
             check_demo_counts(self.max_bootstrapped_demos, self.max_labeled_demos)
-        for name in ("num_threads", "generation_batch_size", "generation_max_tokens", "max_rounds", "trace_rounds"):
+        if self.weight_step_eval not in WEIGHT_STEP_EVALS:
+            raise ValueError(f"weight_step_eval must be one of {WEIGHT_STEP_EVALS}, got {self.weight_step_eval!r}")
+        if self.weight_step_eval_size is not None and self.weight_step_eval_size < 1:
+            raise ValueError(f"weight_step_eval_size must be >= 1 (or None for the whole valset), got "
+                             f"{self.weight_step_eval_size}")
+        for name in ("num_threads", "generation_batch_size", "generation_max_tokens", "max_rounds", "trace_rounds",
+                     "weight_step_eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.generation_temperature < 0:

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -54,15 +56,29 @@ from bt_trl.serving.vllm import VLLMBackend, check_vllm_usable
 from bt_trl.steps.prompt import default_prompt_optimizer, expected_program_calls, prompt_step
 from bt_trl.steps.sft import FORMAT_ROW, TraceDataset, collect_traces, finetune_on
 from bt_trl.steps.strategy import PROMPT_STEP, WEIGHT_STEP
+from bt_trl.steps.validation import ValidationGuard, validation_examples
 
 logger = logging.getLogger(__name__)
 
 PROGRAM_FILE = hub.PROGRAM_FILE  # the file load_program reads
 SFT_DATASET_FILE = "sft_dataset.jsonl"
+VALIDATION_CHECKPOINT_DIR = "best_checkpoint"  # in a w step's folder while it trains: its best weights so far
 # What a run writes at the top of output_dir besides its step folders (and run.log, which every run appends to):
 # `overwrite_output_dir` removes them, so that no weights of the old run stay beside the new run's.
 RUN_FILES = (STATE_FILE, *RESULTS_FILES, PROGRAM_FILE, hub.METADATA_FILE, hub.ADAPTER_WEIGHTS_FILE,
              "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass
+class WeightStepOutcome:
+    """What a w step's fine-tuning did: no training (`losses` None), or its first and last logged loss and, when
+    validated while training, the checkpoints' val scores and which one it kept."""
+
+    losses: tuple[float, float] | None = None
+    kept_start: bool = False  # no checkpoint scored above the starting weights: they were put back
+    val_curve: list[list[float]] | None = None
+    kept_checkpoint: str | None = None
+    validation_seconds: float | None = None
 
 
 class BetterTogetherTrainer(SFTTrainer):
@@ -198,8 +214,8 @@ class BetterTogetherTrainer(SFTTrainer):
                 else:
                     traces = self.collect_traces(self.program)
                     self._save_dataset(traces, index)
-                    loss = self.finetune_weights(traces, index)
-                    result = self._finish_step(index, kind, started, state, traces, loss)
+                    outcome = self.finetune_weights(traces, index)
+                    result = self._finish_step(index, kind, started, state, traces, outcome)
                 state.steps.append(result)
                 self._checkpoint(state)
             return self._end(state)
@@ -223,9 +239,10 @@ class BetterTogetherTrainer(SFTTrainer):
             return collect_traces(self.runner, program, self.trainset, lm, self.args.trace_rounds,
                                   self.args.drop_placeholder_traces)
 
-    def finetune_weights(self, traces: TraceDataset, index: int) -> tuple[float, float] | None:
-        """One SFT run on the traces (its own output folder, optimizer and LR schedule). Returns the first and last
-        logged training loss, or None when there was nothing to train on."""
+    def finetune_weights(self, traces: TraceDataset, index: int) -> WeightStepOutcome:
+        """One SFT run on the traces (its own output folder, optimizer and LR schedule). With `weight_step_eval`, the
+        program is scored on the valset at checkpoints while it trains and the step ends on the best checkpoint's
+        weights (`steps.validation.ValidationGuard`)."""
         if traces.copied_placeholder:
             treated = ("left out (drop_placeholder_traces)" if traces.placeholder_dropped else
                        "trained on as they are (drop_placeholder_traces=True leaves them out)")
@@ -242,12 +259,50 @@ class BetterTogetherTrainer(SFTTrainer):
                 "the errors are in run.log); the weights are left unchanged",
                 stacklevel=2,
             )
-            return None
+            return WeightStepOutcome()
+        step_dir = Path(self.args.output_dir) / step_dir_name(index, WEIGHT_STEP)
+        start = self.run_state.steps[-1]
+        guard = self._validation_guard(start, step_dir) if self.args.weight_step_eval != "no" else None
         if self.args.w_step_init == "base":
             self._load_weights(self.run_state.steps[0].weights_dir)
-        losses = finetune_on(self, traces.dataset, str(Path(self.args.output_dir) / step_dir_name(index, WEIGHT_STEP)))
-        self._weights_version += 1
-        return (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
+        if guard is not None:
+            self.add_callback(guard)
+        try:
+            losses = finetune_on(self, traces.dataset, str(step_dir))
+        finally:
+            if guard is not None:
+                self.remove_callback(guard)
+        outcome = WeightStepOutcome(losses=(losses[0], losses[-1]) if losses else (float("nan"), float("nan")))
+        if guard is not None:
+            kept = guard.best or guard.curve[0]  # (no checkpoint at all: training took no optimizer step)
+            self.accelerator.wait_for_everyone()  # the main process has written the best checkpoint
+            if kept is guard.curve[0]:
+                self._load_weights(start.weights_dir)
+            elif guard.best_saved:
+                self._load_weights(VALIDATION_CHECKPOINT_DIR, str(step_dir))
+            self.accelerator.wait_for_everyone()  # every rank has read it
+            if self.is_world_process_zero():
+                guard.remove_checkpoint()
+            outcome.kept_start = kept is guard.curve[0]
+            outcome.val_curve = [[c.step, c.epoch, c.score] for c in guard.curve]
+            outcome.kept_checkpoint, outcome.validation_seconds = kept.label, guard.seconds
+        if not outcome.kept_start:
+            self._weights_version += 1
+        return outcome
+
+    def _validation_guard(self, start: StepResult, step_dir: Path) -> ValidationGuard:
+        """Scores `self.program` on the valset (or its `weight_step_eval_size` sample) at the w step's checkpoints;
+        the start's score is the last step's on the same examples."""
+        examples = validation_examples(self.valset, self.args.weight_step_eval_size, self.args.seed)
+        start_score = start.val_score if len(examples) == len(self.valset) else self._score(examples)
+        return ValidationGuard(
+            lambda: self._score(examples), self.save_model, step_dir / VALIDATION_CHECKPOINT_DIR, start_score,
+            self.args.weight_step_eval, self.args.weight_step_eval_steps, self.args.weight_step_keep_start,
+        )
+
+    def _score(self, examples: list[dspy.Example]) -> float:
+        with self.serving() as lm:
+            return self.runner.evaluate(self.program, examples, lm).score
 
     def evaluate_program(self, examples, program: dspy.Module | None = None) -> RunSummary:
         """Scores `program` (default: `trainer.program`) on `examples` with the current weights."""
@@ -323,7 +378,11 @@ class BetterTogetherTrainer(SFTTrainer):
             optimizer_calls = expected_program_calls(self.prompt_optimizer, len(self.trainset), len(self.valset))
             return None if optimizer_calls is None else optimizer_calls + len(self.valset)
         if kind == WEIGHT_STEP:
-            return len(self.trainset) * self.args.trace_rounds + len(self.valset)
+            if self.args.weight_step_eval == "steps":
+                return None  # the number of checkpoints depends on the traces
+            checkpoints = math.ceil(self.args.num_train_epochs) if self.args.weight_step_eval == "epoch" else 0
+            examples = min(self.args.weight_step_eval_size or len(self.valset), len(self.valset))
+            return len(self.trainset) * self.args.trace_rounds + len(self.valset) + checkpoints * examples
         return len(self.valset)
 
     def _start(self) -> RunState:
@@ -336,14 +395,15 @@ class BetterTogetherTrainer(SFTTrainer):
         return state
 
     def _finish_step(self, index: int, kind: str, started: float, state: RunState,
-                     traces: TraceDataset | None = None, loss: tuple[float, float] | None = None) -> StepResult:
+                     traces: TraceDataset | None = None, outcome: WeightStepOutcome | None = None) -> StepResult:
         """Scores the program on the valset with the current weights, saves the step's artifacts, logs it."""
         with self.serving() as lm:
             summary = self.runner.evaluate(self.program, self.valset, lm)
             served_as = lm.model.removeprefix(LM_PREFIX)
         name = step_dir_name(index, kind)
         step_dir = Path(self.args.output_dir) / name
-        new_weights = kind == "vanilla" or loss is not None
+        new_weights = kind == "vanilla" or (outcome is not None and outcome.losses is not None
+                                            and not outcome.kept_start)
         stats_per_rank = self.ranks.per_rank(self._step_stats)  # one gather for calls and tokens
         calls_per_rank = [stats.requests for stats in stats_per_rank]
         result = StepResult(
@@ -362,10 +422,12 @@ class BetterTogetherTrainer(SFTTrainer):
                 s.parse_failures, s.metric_errors, s.program_errors
             )
             result.sft_examples = len(traces.dataset)
-            if loss is None:
+            if outcome.losses is None:
                 result.skipped = "no trace to train on: weights unchanged"
             else:
-                result.first_loss, result.last_loss = loss
+                result.first_loss, result.last_loss = outcome.losses
+                result.val_curve, result.kept_checkpoint = outcome.val_curve, outcome.kept_checkpoint
+                result.validation_seconds = outcome.validation_seconds
         if self.is_world_process_zero():
             step_dir.mkdir(parents=True, exist_ok=True)
             self.program.save(str(step_dir / PROGRAM_FILE))

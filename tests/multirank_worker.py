@@ -83,7 +83,7 @@ def main() -> None:
         num_candidate_programs=1,
         max_bootstrapped_demos=2, max_labeled_demos=2, generation_max_tokens=48, num_threads=8, num_train_epochs=2,
         per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_strategy="no",
-        gradient_checkpointing=False, max_length=1024, seed=0,
+        gradient_checkpointing=False, max_length=1024, seed=0, weight_step_keep_start=False,
     )
     train, val, _ = iris.load_splits(0, (10, 8, 0))
     trainer = RecordingTrainer(

@@ -25,7 +25,7 @@ def test_embedded_model_p_w_p_on_reduced_iris(tmp_path):
         str(tmp_path), strategy="p -> w -> p", report_to="none", num_candidate_programs=0,
         max_bootstrapped_demos=1, max_labeled_demos=3, generation_max_tokens=80, num_threads=8,
         num_train_epochs=2, per_device_train_batch_size=4, learning_rate=2e-4, logging_steps=1,
-        save_strategy="no", gradient_checkpointing=False, max_length=1024, seed=0,
+        save_strategy="no", gradient_checkpointing=False, max_length=1024, seed=0, weight_step_keep_start=False,
     )
     trainer = BetterTogetherTrainer(
         model=EMBEDDED_MODEL, args=args, program=iris.program(), metric=iris.metric, trainset=train, valset=val,
@@ -37,7 +37,7 @@ def test_embedded_model_p_w_p_on_reduced_iris(tmp_path):
     kinds = [s["kind"] for s in results["steps"]]
     assert kinds == ["vanilla", "p", "w", "p"]
     w = results["steps"][2]
-    assert w["traces_kept"] > 0 and w["first_loss"] is not None
+    assert w["traces_kept"] > 0 and w["first_loss"] is not None and len(w["val_curve"]) == 3
     assert "| 3 | p |" in (tmp_path / "results.md").read_text()
 
     # A p step keeps the best of its candidates on the valset, the zero-shot program among them (with structured
@@ -88,7 +88,8 @@ def test_users_two_module_program_gets_traces_and_a_trained_adapter(tmp_path):
                "--test_size", "3", "--use_peft", "--lora_r", "8", "--lora_alpha", "16",
                "--lora_target_modules", "all-linear", "--generation_max_tokens", "96", "--num_threads", "8",
                "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--save_strategy", "no",
-               "--max_length", "1024", "--report_to", "none", "--seed", "0"]
+               "--max_length", "1024", "--report_to", "none", "--seed", "0",
+               "--weight_step_keep_start", "False"]
     env = dict(os.environ, DSPY_CACHEDIR=str(tmp_path / "dspy_cache"))
     done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -57,8 +57,9 @@ def test_two_ranks_share_the_calls_and_agree(model_dir, tmp_path):
     assert rank0["final_program"] == rank1["final_program"]
     assert rank0["dataset_hashes"] == rank1["dataset_hashes"] and list(rank0["dataset_hashes"]) == ["2"]
 
-    # Valset scoring (8 examples x 4 steps) and trace collection (10) were split in halves.
-    assert rank0["program_calls"] == rank1["program_calls"] == (4 * 8 + 10) // 2
+    # Valset scoring (8 examples x 4 steps, and at the w step's 2 checkpoints) and trace collection (10) were split
+    # in halves.
+    assert rank0["program_calls"] == rank1["program_calls"] == (4 * 8 + 2 * 8 + 10) // 2
 
     # The p steps' generation batches were split too; only the main rank wrote the run's files.
     steps = json.loads((tmp_path / "out" / "results.json").read_text())["steps"]
@@ -67,6 +68,8 @@ def test_two_ranks_share_the_calls_and_agree(model_dir, tmp_path):
         assert min(step["lm_calls_per_rank"]) > 0
     assert steps[2]["traces_total"] == 10 and steps[2]["sft_examples"] == steps[2]["traces_kept"] > 0
     assert (tmp_path / "out" / "step_2_w" / "adapter_model.safetensors").exists()
+    assert [epoch for _, epoch, _ in steps[2]["val_curve"]] == [0, 1, 2]
+    assert not (tmp_path / "out" / "step_2_w" / "best_checkpoint").exists()
 
 
 def test_a_dying_rank_stops_the_job_and_the_run_resumes(model_dir, tmp_path):

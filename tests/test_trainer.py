@@ -43,7 +43,9 @@ def test_p_w_p_end_to_end(format_model, tokenizer, tmp_path):
     # A user-supplied DSPy optimizer as the p step (BootstrapFewShot's compile takes no valset): the tiny model answers
     # the same with or without demos, so the default random search would keep its zero-shot candidate.
     optimizer = dspy.BootstrapFewShot(metric=iris.metric, max_bootstrapped_demos=2, max_labeled_demos=0)
-    trainer = make_trainer(format_model, tokenizer, config(tmp_path), prompt_optimizer=optimizer)
+    # The w step keeps its best epoch even below its start (weight_step_keep_start=False): the weights change.
+    trainer = make_trainer(format_model, tokenizer, config(tmp_path, weight_step_keep_start=False),
+                           prompt_optimizer=optimizer)
     output = trainer.train()
 
     results = json.loads((tmp_path / "results.json").read_text())
@@ -66,6 +68,10 @@ def test_p_w_p_end_to_end(format_model, tokenizer, tmp_path):
     assert 0 < w["traces_kept"] <= w["traces_total"] == 10
     assert w["sft_examples"] == w["traces_kept"]
     assert w["last_loss"] < w["first_loss"]
+    # Scored on the valset at the start and after each of its 2 epochs; it ends on the best epoch's weights.
+    assert [epoch for _, epoch, _ in w["val_curve"]] == [0, 1, 2] and w["val_curve"][0][2] == steps[1]["val_score"]
+    best_epoch = max(reversed(w["val_curve"][1:]), key=lambda point: point[2])  # the latest among equal scores
+    assert w["kept_checkpoint"] == f"epoch {best_epoch[1]:g}" and w["val_score"] == best_epoch[2]
     rows = (tmp_path / "step_2_w" / "sft_dataset.jsonl").read_text().splitlines()
     assert len(rows) == w["traces_kept"]
     assert "demos" not in rows[0] and json.loads(rows[0])["completion"][0]["role"] == "assistant"

@@ -48,6 +48,11 @@ class StepResult:
     first_loss: float | None = None
     last_loss: float | None = None
     skipped: str | None = None  # why the step left the weights unchanged
+    # w steps scored while they train (`weight_step_eval`): [optimizer step, epoch, val score] per checkpoint, the
+    # start first; the checkpoint kept ("start", "epoch 2", "step 20"); seconds spent scoring and saving checkpoints
+    val_curve: list[list[float]] | None = None
+    kept_checkpoint: str | None = None
+    validation_seconds: float | None = None
 
     @property
     def name(self) -> str:
@@ -106,9 +111,21 @@ def results_row(s: StepResult, best_index: int | None, note: str = "") -> str:
     traces = f"{s.traces_kept} / {s.traces_total}" if s.traces_total is not None else ""
     loss = f"{s.first_loss:.3f} → {s.last_loss:.3f}" if s.first_loss is not None else ""
     copied = f"{s.copied_placeholder} passing runs copied DSPy's placeholder" if s.copied_placeholder else ""
-    note = "; ".join(x for x in ("best" if s.index == best_index else "", s.skipped or "", copied, note) if x)
+    note = "; ".join(x for x in ("best" if s.index == best_index else "", s.skipped or "", validation_note(s), copied,
+                                 note) if x)
     return (f"| {s.index} | {s.kind} | {s.val_score:.1f} | {traces} | {_fmt(s.pass_rate, '.1f')} "
             f"| {_fmt(s.sft_examples)} | {loss} | {s.completion_tokens} | {s.seconds:.1f} | {note} |")
+
+
+def validation_note(s: StepResult) -> str:
+    """How a validation-guided w step's checkpoints scored and which one it kept."""
+    if not s.val_curve:
+        return ""
+    start, *checkpoints = s.val_curve
+    scores = ", ".join(f"{score:.1f}" for _, _, score in checkpoints)
+    kept = ("kept its start weights (every checkpoint scored below them)" if s.kept_checkpoint == "start"
+            else f"kept {s.kept_checkpoint}")
+    return f"val while training {start[2]:.1f} → {scores}: {kept} ({s.validation_seconds:.0f} s)"
 
 
 def results_markdown(state: RunState) -> str:
@@ -139,13 +156,22 @@ def plot_results(state: RunState, path: str | Path) -> None:
     score_axis.set_zorder(traces_axis.get_zorder() + 1)  # the score line above the bars
     score_axis.patch.set_visible(False)
     score_axis.plot(x, [s.val_score for s in steps], marker="o", color="tab:blue", label="val score")
+    curves = [(position, s.val_curve) for position, s in enumerate(steps) if s.val_curve]
+    for number, (position, curve) in enumerate(curves):
+        # A w step's checkpoints between the previous step and its own (where the kept one's score is drawn), spaced
+        # by optimizer steps.
+        last_step = max(curve[-1][0], 1)
+        score_axis.plot([position - 1 + 0.8 * step / last_step for step, _, _ in curve],
+                        [score for _, _, score in curve],
+                        marker=".", linestyle=":", color="tab:purple",
+                        label="val while training (w)" if number == 0 else None)
     score_axis.plot([best.index], [best.val_score], marker="*", markersize=16, color="tab:orange", linestyle="",
                     label=f"best (step {best.index})")
     score_axis.set_ylim(0, 105)
     score_axis.set_ylabel("val score")
     score_axis.set_xticks(x, [f"{s.index}\n{s.kind}" for s in steps])
     handles = [h for axis in (score_axis, traces_axis) for h in axis.get_legend_handles_labels()[0]]
-    score_axis.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8,
+    score_axis.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8,
                       frameon=False)  # above the plot: the curve often runs along the top
     fig.suptitle(f"BetterTogether {' -> '.join(state.strategy)}")
     fig.tight_layout()
