@@ -54,8 +54,10 @@ from bt_trl.core.live import model_for_generation, serve_program
 from bt_trl.core.ranks import Ranks
 from bt_trl.core.runner import ProgramRunner, ServedProgram, checked_metric
 from bt_trl.serving.engine import TransformersBackend, lm_name, serving_lm, weights_fingerprint
-from bt_trl.steps.prompt import default_prompt_optimizer, prompt_step
+from bt_trl.steps.optimizers import bound, built_in_specs, named_prompt_optimizers
+from bt_trl.steps.prompt import PromptOptimizer, default_prompt_optimizer, prompt_step
 from bt_trl.steps.sft import FORMAT_ROW, collect_traces
+from bt_trl.steps.strategy import PROMPT_STEP, check_prompt_step
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +85,12 @@ class BetterTogetherCallback(TrainerCallback):
             p step bootstraps demos from `trainset` and picks its candidate on `valset`; traces come from `trainset`;
             each round is scored on `valset`.
         every_n_epochs: epochs trained on one set of rows before the next round.
-        prompt_optimizer: any DSPy teleprompter; default the paper's `BootstrapFewShotWithRandomSearch` built from
-            the trainer's `args` (`max_bootstrapped_demos`, `max_labeled_demos`, `num_candidate_programs`, ...).
+        prompt_optimizer: what the `p` step runs: any DSPy teleprompter, or a factory `lm -> Teleprompter` given the
+            LM serving the round; default the paper's `BootstrapFewShotWithRandomSearch` built from the trainer's
+            `args` (`max_bootstrapped_demos`, `max_labeled_demos`, `num_candidate_programs`, ...).
+        prompt_optimizers: prompt steps by name (name → teleprompter, factory or `{"class": ..., <argument>: ...}`
+            mapping), as `BetterTogetherTrainer` takes them.
+        prompt_step: the prompt step each round runs: `p`, `gepa`, `mipro`, `simba` or a name of `prompt_optimizers`.
         input_columns: with `datasets.Dataset`s, the columns that are the program's inputs.
 
     Pass `callback.train_dataset` as the trainer's `train_dataset`. After training, `callback.program` is the last
@@ -94,15 +100,19 @@ class BetterTogetherCallback(TrainerCallback):
     """
 
     def __init__(self, program: dspy.Module, metric, trainset, valset, every_n_epochs: int = 1,
-                 prompt_optimizer=None, input_columns: Sequence[str] | None = None):
+                 prompt_optimizer: PromptOptimizer | None = None, input_columns: Sequence[str] | None = None,
+                 prompt_optimizers: dict[str, PromptOptimizer | dict] | None = None, prompt_step: str = PROMPT_STEP):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.trainset, self.valset = checked_inputs(program, metric, trainset, valset, input_columns)
+        self.prompt_optimizers = named_prompt_optimizers(None, prompt_optimizers, built_in_specs(len(self.trainset)),
+                                                         prompt_optimizer)
+        check_prompt_step(prompt_step, self.prompt_optimizers, "prompt_step")
         self.student = program.deepcopy()
         self.student.set_lm(None)
         self.program = self.student.deepcopy()
         self.metric = checked_metric(metric)  # DSPy's optimizers would take a string "no" as a pass
-        self.every_n_epochs, self.prompt_optimizer = every_n_epochs, prompt_optimizer
+        self.every_n_epochs, self.prompt_step = every_n_epochs, prompt_step
         self.history: list[dict] = []
         self.epochs_done = 0
         self._epoch_steps = 0  # optimizer steps an epoch on the current rows takes
@@ -129,13 +139,15 @@ class BetterTogetherCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None,
                        lr_scheduler=None, **kwargs):
         settings = self._settings = bettertogether_settings(args)
-        if self.prompt_optimizer is None:
+        if self.prompt_step == PROMPT_STEP and PROMPT_STEP not in self.prompt_optimizers:
             check_demo_counts(settings.max_bootstrapped_demos, settings.max_labeled_demos)
-            self.prompt_optimizer = default_prompt_optimizer(
+            self.prompt_optimizers[PROMPT_STEP] = default_prompt_optimizer(
                 self.metric, max_bootstrapped_demos=settings.max_bootstrapped_demos,
                 max_labeled_demos=settings.max_labeled_demos, num_candidate_programs=settings.num_candidate_programs,
                 num_threads=settings.num_threads, max_rounds=settings.max_rounds,
                 metric_threshold=settings.metric_threshold)
+        self.prompt_optimizers = bound(self.prompt_optimizers, self.metric, settings.num_threads,
+                                       settings.metric_threshold)
         self._ranks = Ranks(AcceleratorState())  # the trainer's processes (its accelerator state is shared)
         self._runner = ProgramRunner(self.metric, settings.num_threads, settings.metric_threshold, self._ranks)
         with model_for_generation(model, optimizer, args.gradient_checkpointing_kwargs) as live:
@@ -209,9 +221,10 @@ class BetterTogetherCallback(TrainerCallback):
         settings, entry = self._settings, {"epoch": self.epochs_done}
         with model_for_generation(model, optimizer, args.gradient_checkpointing_kwargs) as live:
             backend, name = TransformersBackend(live, tokenizer), lm_name(live, self._base_fingerprint)
-            self.program, _ = prompt_step(self.prompt_optimizer, self.student, self.trainset, self.valset,
-                                          backend=backend, lm_name=name, settings=settings.generation,
-                                          ranks=self._ranks, examples_at_once=settings.num_threads)
+            self.program, _ = prompt_step(self.prompt_optimizers[self.prompt_step], self.student, self.program,
+                                          self.trainset, self.valset, backend=backend, lm_name=name,
+                                          settings=settings.generation, ranks=self._ranks,
+                                          examples_at_once=settings.num_threads)
             with serving_lm(backend, name, settings.generation) as lm:
                 entry["val_score"] = self._runner.evaluate(self.program, self.valset, lm).score
                 if regenerate:

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from trl import SFTConfig
 
 from bt_trl.serving.settings import GenerationSettings
-from bt_trl.steps.strategy import PROMPT_STEP, parse_strategy
+from bt_trl.steps.strategy import PROMPT_STEP, check_step_name, parse_strategy
 from bt_trl.steps.validation import WEIGHT_STEP_EVALS
 
 W_STEP_INITS = ("continue", "base")
@@ -21,15 +22,20 @@ class BetterTogetherConfig(SFTConfig):
 
     BetterTogether (Soylu, Potts, Khattab, 2024, arXiv:2407.10930) alternates prompt optimization (`p`) and weight
     optimization (`w`) of one DSPy program on one LM. This class holds the parameters specific to that loop; every
-    [`~trl.SFTConfig`] field applies to the fine-tuning done by each `w` step. Defaults follow the paper.
+    [`~trl.SFTConfig`] field applies to the fine-tuning done by each weight step. Defaults follow the paper.
 
     Parameters:
         > Parameters that control the strategy
 
         strategy (`str`, *optional*, defaults to `"p -> w -> p"`):
-            Chain of steps separated by `->`: `p` optimizes the prompts (few-shot demos bootstrapped with the current
-            weights), `w` fine-tunes the weights on the program's own passing traces. Any chain is allowed:
-            `"p"`, `"w"`, `"p -> w"`, `"w -> p"`, `"p -> p"`, `"w -> w"`, ...
+            Chain of named steps separated by `->`. Prompt steps: `p` (few-shot demos bootstrapped with the current
+            weights, or the trainer's `prompt_optimizer`), `gepa` (`dspy.GEPA`), `mipro` (`dspy.MIPROv2`), `simba`
+            (`dspy.SIMBA`), or a name of `prompt_optimizers`. Weight steps: `w` (or `sft`) fine-tunes the weights on
+            the program's own passing traces. Any chain is allowed: `"p"`, `"w -> p"`, `"gepa -> w -> gepa"`, ...
+        prompt_optimizers (`dict[str, dict]`, *optional*):
+            Prompt steps of one's own, or new arguments for the built-in ones: name → `{class: <dspy.teleprompt
+            class>, <argument>: <value>, ...}` (without `class`, the arguments change a built-in step's), e.g.
+            `{gepa: {max_metric_calls: 200}, mine: {class: MIPROv2, auto: medium}}`. Read by the trainer.
         w_step_init (`str`, *optional*, defaults to `"continue"`):
             Where a `w` step starts training from: `"continue"` trains the current weights (adapter) further;
             `"base"` restarts from the initial weights, so that every `w` step is one fine-tuning run of the base
@@ -128,7 +134,13 @@ class BetterTogetherConfig(SFTConfig):
 
     strategy: str = field(
         default="p -> w -> p",
-        metadata={"help": "Chain of steps separated by '->': 'p' optimizes prompts, 'w' fine-tunes weights."},
+        metadata={"help": "Chain of named steps separated by '->': prompt steps 'p', 'gepa', 'mipro', 'simba' or a "
+                          "name of prompt_optimizers; weight steps 'w' (or 'sft') fine-tune the weights."},
+    )
+    prompt_optimizers: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Prompt steps of one's own or new arguments for built-in ones, as JSON: "
+                          "'{\"mine\": {\"class\": \"MIPROv2\", \"auto\": \"medium\"}}'."},
     )
     w_step_init: str = field(
         default="continue",
@@ -219,6 +231,8 @@ class BetterTogetherConfig(SFTConfig):
         default=1e-4, metadata={"help": "Initial learning rate of each w step (suited to LoRA)."}
     )
 
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["prompt_optimizers"]  # JSON on the command line
+
     def generation_settings(self) -> GenerationSettings:
         return bettertogether_settings(self).generation
 
@@ -228,13 +242,19 @@ class BetterTogetherConfig(SFTConfig):
             # included); here it is on where the GPU supports it.
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()
-        self.steps = parse_strategy(self.strategy)
+        # Names the trainer or callback is given are checked there: here any well-formed name may be one of them.
+        self.steps = parse_strategy(self.strategy, prompt_steps=None)
+        if self.prompt_optimizers is not None and not isinstance(self.prompt_optimizers, dict):
+            raise ValueError(f"prompt_optimizers must be a mapping name -> {{class: ..., <argument>: ...}}, got "
+                             f"{self.prompt_optimizers!r}")
+        for name in self.prompt_optimizers or {}:
+            check_step_name(name, "prompt_optimizers")
         if self.w_step_init not in W_STEP_INITS:
             raise ValueError(f"w_step_init must be one of {W_STEP_INITS}, got {self.w_step_init!r}")
         for name in ("max_bootstrapped_demos", "max_labeled_demos", "num_candidate_programs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if PROMPT_STEP in self.steps:
+        if PROMPT_STEP in self.steps and PROMPT_STEP not in (self.prompt_optimizers or {}):
             check_demo_counts(self.max_bootstrapped_demos, self.max_labeled_demos)
         if self.weight_step_eval not in WEIGHT_STEP_EVALS:
             raise ValueError(f"weight_step_eval must be one of {WEIGHT_STEP_EVALS}, got {self.weight_step_eval!r}")

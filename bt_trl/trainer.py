@@ -15,7 +15,6 @@ from typing import Any
 
 import datasets
 import dspy
-from dspy.teleprompt import Teleprompter
 from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file
@@ -53,9 +52,10 @@ from bt_trl.serving.engine import (
 )
 from bt_trl.serving.models import check_model_name_or_path, resolve_model_name_or_path
 from bt_trl.serving.vllm import VLLMBackend, check_vllm_usable
-from bt_trl.steps.prompt import default_prompt_optimizer, expected_program_calls, prompt_step
+from bt_trl.steps.optimizers import bound, built_in_specs, describe, named_prompt_optimizers
+from bt_trl.steps.prompt import PromptOptimizer, default_prompt_optimizer, expected_program_calls, prompt_step
 from bt_trl.steps.sft import FORMAT_ROW, TraceDataset, collect_traces, finetune_on
-from bt_trl.steps.strategy import PROMPT_STEP, WEIGHT_STEP
+from bt_trl.steps.strategy import PROMPT_STEP, VANILLA, is_prompt_step, is_weight_step, parse_strategy
 from bt_trl.steps.validation import ValidationGuard, validation_examples
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,12 @@ class BetterTogetherTrainer(SFTTrainer):
         trainset, valset: lists of `dspy.Example` (inputs marked), or `datasets.Dataset`s with
             `args.input_columns`. The p step bootstraps demos from `trainset` and picks the best candidate on `valset`;
             the w step collects traces on `trainset`; every step is scored on `valset`.
-        prompt_optimizer: any DSPy teleprompter (MIPROv2, GEPA, BootstrapFewShot, ...). Defaults to the paper's
+        prompt_optimizer: what the `p` step runs: any DSPy teleprompter (BootstrapFewShot, MIPROv2, ...) or a factory
+            `lm -> Teleprompter` given the LM serving the step. Defaults to the paper's
             `BootstrapFewShotWithRandomSearch` configured from `args`.
+        prompt_optimizers: prompt steps by name, for the strategy to use (`"mine -> w -> mine"`) or to replace a
+            built-in one (`gepa`, `mipro`, `simba`): name → teleprompter, factory `lm -> Teleprompter`, or a mapping
+            `{"class": "GEPA", <argument>: <value>}` as in `args.prompt_optimizers` (`steps/optimizers.py`).
         Remaining arguments are `SFTTrainer`'s (`processing_class`, `peft_config`, `callbacks`, ...).
 
     After `train()`, `trainer.program` is the best program on the valset, bound to an LM served from the trained model
@@ -132,7 +136,8 @@ class BetterTogetherTrainer(SFTTrainer):
         metric: Callable[..., Any] | None = None,
         trainset: Sequence[dspy.Example] | datasets.Dataset | None = None,
         valset: Sequence[dspy.Example] | datasets.Dataset | None = None,
-        prompt_optimizer: Teleprompter | None = None,
+        prompt_optimizer: PromptOptimizer | None = None,
+        prompt_optimizers: dict[str, PromptOptimizer | dict[str, Any]] | None = None,
         **kwargs,
     ):
         # Everything the user gave is checked before the model is loaded or anything is generated.
@@ -145,6 +150,9 @@ class BetterTogetherTrainer(SFTTrainer):
             raise TypeError("train_dataset is built by each w step from the program's traces; pass trainset instead")
         if args.generation_backend == "vllm":
             check_vllm_usable()
+        named_optimizers = named_prompt_optimizers(args.prompt_optimizers, prompt_optimizers,
+                                                   built_in_specs(len(trainset)), prompt_optimizer)
+        parse_strategy(args.strategy, prompt_steps=named_optimizers)  # the config let any well-formed name through
 
         if model is None or isinstance(model, str):
             check_model_name_or_path(model)
@@ -169,11 +177,13 @@ class BetterTogetherTrainer(SFTTrainer):
         self.student = program.deepcopy()
         self.student.set_lm(None)
         self.trainset, self.valset, self.metric = trainset, valset, metric
-        self.prompt_optimizer = prompt_optimizer or default_prompt_optimizer(
+        # Every prompt step name → its optimizer; `p` is `prompt_optimizer`, a `p` of prompt_optimizers, or the paper's.
+        self.prompt_optimizers = bound(named_optimizers, metric, args.num_threads, args.metric_threshold)
+        self.prompt_optimizer = self.prompt_optimizers.setdefault(PROMPT_STEP, default_prompt_optimizer(
             metric, max_bootstrapped_demos=args.max_bootstrapped_demos, max_labeled_demos=args.max_labeled_demos,
             num_candidate_programs=args.num_candidate_programs, num_threads=args.num_threads,
             max_rounds=args.max_rounds, metric_threshold=args.metric_threshold,
-        )
+        ))
         self.ranks = Ranks(self.accelerator.state)
         self.runner = ProgramRunner(metric, args.num_threads, args.metric_threshold, self.ranks)
         self.program: dspy.Module | None = None
@@ -188,9 +198,10 @@ class BetterTogetherTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: bool | str | None = None, trial=None, **kwargs) -> TrainOutput:
-        """Runs the strategy: score the initial program, then each `p`/`w` step in turn, each scored on the valset and
-        saved; ends on the best step. `resume_from_checkpoint` (True or an output folder) continues an interrupted run
-        after its last completed step. (`trial`, for `Trainer.hyperparameter_search`, is not supported.)"""
+        """Runs the strategy: score the initial program, then each prompt or weight step in turn, each scored on the
+        valset and saved in its folder (`step_<index>_<name>`); ends on the best step. `resume_from_checkpoint` (True
+        or an output folder) continues an interrupted run after its last completed step. (`trial`, for
+        `Trainer.hyperparameter_search`, is not supported.)"""
         if trial is not None:
             raise ValueError("BetterTogetherTrainer.train does not take a hyperparameter-search trial: "
                              "hyperparameter_search is not supported")
@@ -205,11 +216,10 @@ class BetterTogetherTrainer(SFTTrainer):
                     continue  # completed before the interruption
                 set_seed(self.args.seed + index)
                 started = self._begin_step(index, kind)
-                if kind == PROMPT_STEP:
-                    # p after p bootstraps with the current program as teacher; otherwise (first step, or after a w
-                    # step) it optimizes the original program's prompts on the current weights, as in the paper.
-                    teacher = self.program if state.steps[-1].kind == PROMPT_STEP else None
-                    self.program = self.optimize_program_prompts(teacher)
+                if not is_weight_step(kind):
+                    # What it compiles and with which teacher: `steps.prompt.compiled_and_teacher`.
+                    self.program = self.optimize_program_prompts(kind, after_prompt_step=is_prompt_step(
+                        state.steps[-1].kind))
                     result = self._finish_step(index, kind, started, state)
                 else:
                     traces = self.collect_traces(self.program)
@@ -220,14 +230,14 @@ class BetterTogetherTrainer(SFTTrainer):
                 self._checkpoint(state)
             return self._end(state)
 
-    def optimize_program_prompts(self, teacher: dspy.Module | None) -> dspy.Module:
-        """The p step: the prompt optimizer compiles the original program on the current weights (on every rank:
-        `steps.prompt.prompt_step`)."""
+    def optimize_program_prompts(self, name: str, after_prompt_step: bool) -> dspy.Module:
+        """The prompt step `name`: its optimizer compiles the original or the current program on the current weights
+        (on every rank: `steps.prompt.prompt_step`)."""
         with self.generation_mode() as model:
             program, generated = prompt_step(
-                self.prompt_optimizer, self.student, self.trainset, self.valset, backend=self._backend(model),
-                lm_name=self.lm_name(), settings=self.args.generation_settings(), ranks=self.ranks, teacher=teacher,
-                examples_at_once=self.args.num_threads,
+                self.prompt_optimizers[name], self.student, self.program, self.trainset, self.valset,
+                backend=self._backend(model), lm_name=self.lm_name(), settings=self.args.generation_settings(),
+                ranks=self.ranks, after_prompt_step=after_prompt_step, examples_at_once=self.args.num_threads,
             )
         self._step_stats.add(generated)
         return program
@@ -260,7 +270,7 @@ class BetterTogetherTrainer(SFTTrainer):
                 stacklevel=2,
             )
             return WeightStepOutcome()
-        step_dir = Path(self.args.output_dir) / step_dir_name(index, WEIGHT_STEP)
+        step_dir = Path(self.args.output_dir) / step_dir_name(index, self.args.steps[index - 1])
         start = self.run_state.steps[-1]
         guard = self._validation_guard(start, step_dir) if self.args.weight_step_eval != "no" else None
         if self.args.w_step_init == "base":
@@ -374,23 +384,24 @@ class BetterTogetherTrainer(SFTTrainer):
 
     def _expected_program_calls(self, kind: str) -> int | None:
         """At most how many program calls a step of `kind` makes, its valset scoring included (None: unknown)."""
-        if kind == PROMPT_STEP:
-            optimizer_calls = expected_program_calls(self.prompt_optimizer, len(self.trainset), len(self.valset))
-            return None if optimizer_calls is None else optimizer_calls + len(self.valset)
-        if kind == WEIGHT_STEP:
+        if is_weight_step(kind):
             if self.args.weight_step_eval == "steps":
                 return None  # the number of checkpoints depends on the traces
             checkpoints = math.ceil(self.args.num_train_epochs) if self.args.weight_step_eval == "epoch" else 0
             examples = min(self.args.weight_step_eval_size or len(self.valset), len(self.valset))
             return len(self.trainset) * self.args.trace_rounds + len(self.valset) + checkpoints * examples
+        if is_prompt_step(kind):
+            optimizer_calls = expected_program_calls(self.prompt_optimizers[kind], len(self.trainset),
+                                                     len(self.valset))
+            return None if optimizer_calls is None else optimizer_calls + len(self.valset)
         return len(self.valset)
 
     def _start(self) -> RunState:
         self.program = self.student.deepcopy()
         self.run_state = state = RunState(self.args.steps)
         self.console.start_run(self.args.strategy, len(self.trainset), len(self.valset), resumed_after=None)
-        started = self._begin_step(0, "vanilla")
-        state.steps.append(self._finish_step(0, "vanilla", started, state))
+        started = self._begin_step(0, VANILLA)
+        state.steps.append(self._finish_step(0, VANILLA, started, state))
         self._checkpoint(state)
         return state
 
@@ -530,7 +541,7 @@ class BetterTogetherTrainer(SFTTrainer):
 
     def _save_dataset(self, traces: TraceDataset, index: int) -> None:
         if self.is_world_process_zero():
-            step_dir = Path(self.args.output_dir) / step_dir_name(index, WEIGHT_STEP)
+            step_dir = Path(self.args.output_dir) / step_dir_name(index, self.args.steps[index - 1])
             step_dir.mkdir(parents=True, exist_ok=True)
             traces.dataset.to_json(str(step_dir / SFT_DATASET_FILE))
 
@@ -671,7 +682,8 @@ class BetterTogetherTrainer(SFTTrainer):
             "generation_temperature", "seed",
         )]
         rows += [("trainset / valset", f"{len(self.trainset)} / {len(self.valset)} examples"),
-                 ("prompt optimizer", type(self.prompt_optimizer).__name__)]
+                 ("prompt optimizers", ", ".join(f"{name}: {describe(self.prompt_optimizers[name])}"
+                                                 for name in dict.fromkeys(args.steps) if not is_weight_step(name)))]
         model = self.accelerator.unwrap_model(self.model)
         if isinstance(model, PeftModel):
             peft_config = model.peft_config[model.active_adapter]

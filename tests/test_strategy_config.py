@@ -27,8 +27,8 @@ def test_parse_strategy_errors(text, message):
 
 
 def test_config_rejects_bad_values(tmp_path):
-    with pytest.raises(ValueError, match="unknown step 'q'"):
-        BetterTogetherConfig(str(tmp_path), strategy="p -> q")
+    with pytest.raises(ValueError, match="unknown step 'q r'"):
+        BetterTogetherConfig(str(tmp_path), strategy="p -> q r")  # 'p -> q' waits for the trainer: q may be its own
     with pytest.raises(ValueError, match="w_step_init"):
         BetterTogetherConfig(str(tmp_path), w_step_init="restart")
     with pytest.raises(ValueError, match="num_threads"):

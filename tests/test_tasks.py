@@ -17,7 +17,7 @@ from trl import ModelConfig
 
 import bt_trl
 from bt_trl import BetterTogetherConfig
-from bt_trl.cli import reproduce
+from bt_trl.cli import main, reproduce
 from bt_trl.cli.train import TaskArguments
 from bt_trl.core.runner import ProgramRunner
 from bt_trl.integrations.hub import load_program_state
@@ -443,9 +443,11 @@ def test_reproduce_gives_a_runs_freed_memory_back_to_the_os():
     assert len(kept) == 64  # alive until here
 
 
-def test_reproduce_grid_arguments_are_checked():
-    with pytest.raises(ValueError, match="unknown step 'x'"):
-        reproduce.GridArguments(strategies=["vanilla", "p -> x"])
+def test_reproduce_grid_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="unknown step 'x y'"):
+        reproduce.GridArguments(strategies=["vanilla", "p -> x y"])
+    with pytest.raises(ValueError, match="unknown step 'x'"):  # not built in, nor in --prompt_optimizers
+        main(["reproduce", "--strategies", "vanilla", "p -> x", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="distinct"):
         reproduce.GridArguments(seeds=[0, 0])
     assert reproduce.run_folder("out", "p -> w -> p", 2) == Path("out/p-w-p/seed_2")

@@ -67,8 +67,8 @@ class GridArguments:
 
     def __post_init__(self):
         for strategy in self.strategies:
-            if strategy != VANILLA:
-                parse_strategy(strategy)  # raises, naming the bad step, before any run starts
+            if strategy != VANILLA:  # raises, naming the bad step, before any run starts (names: `main`)
+                parse_strategy(strategy, prompt_steps=None)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
 
@@ -94,7 +94,7 @@ class RunRecord:
 
 def run_folder(root: str | Path, strategy: str, seed: int) -> Path:
     """`p -> w -> p`, seed 1 → `<root>/p-w-p/seed_1`."""
-    name = VANILLA if strategy == VANILLA else "-".join(parse_strategy(strategy))
+    name = VANILLA if strategy == VANILLA else "-".join(parse_strategy(strategy, prompt_steps=None))
     return Path(root) / name / f"seed_{seed}"
 
 
@@ -127,7 +127,7 @@ def finished_run_sharing_steps(root: str | Path, strategy: str, seed: int) -> tu
     one, else all of the finished run's if its strategy is a proper prefix of this one. None if there is no such run."""
     if strategy == VANILLA:
         return None
-    steps = parse_strategy(strategy)
+    steps = parse_strategy(strategy, prompt_steps=None)
     longer = []
     for folder in Path(root).glob(f"*/seed_{seed}"):
         other = folder.parent.name.split("-")
@@ -149,7 +149,7 @@ def start_from_steps(run: RunRecord, steps: int, folder: Path, strategy: str) ->
     nothing else of it (its summary, best step's files and later steps are its own)."""
     for step in run.steps[:steps]:
         shutil.copytree(run.folder / step.name, folder / step.name, dirs_exist_ok=True)
-    RunState(parse_strategy(strategy), run.steps[:steps]).save(folder)
+    RunState(parse_strategy(strategy, prompt_steps=None), run.steps[:steps]).save(folder)
 
 
 def run_one(task: Task, args: BetterTogetherConfig, model_args: ModelConfig, strategy: str, seed: int) -> None:
@@ -325,6 +325,9 @@ def grid_header(task_args: TaskArguments, args: BetterTogetherConfig, model_args
 
 def main(grid: GridArguments, task_args: TaskArguments, args: BetterTogetherConfig, model_args: ModelConfig):
     check_model_name_or_path(model_args.model_name_or_path)  # before the data, and before any run is started
+    for strategy in grid.strategies:
+        if strategy != VANILLA:
+            parse_strategy(strategy, prompt_steps=args.prompt_optimizers or {})
     task = task_args.load()  # data and retriever problems surface here, before any model is loaded
     return run_grid(grid, task, args, model_args, grid_header(task_args, args, model_args))
 

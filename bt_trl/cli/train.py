@@ -22,6 +22,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from bt_trl.cli.output import QuietConsole
 from bt_trl.config import BetterTogetherConfig
 from bt_trl.serving.models import EMBEDDED_MODEL, check_model_name_or_path
+from bt_trl.steps.strategy import parse_strategy
 from bt_trl.tasks import TASKS, Task, load_task
 from bt_trl.trainer import BetterTogetherTrainer
 
@@ -93,6 +94,7 @@ def train_and_test(trainer: BetterTogetherTrainer, task: Task) -> dict | None:
 
 def main(task_args: TaskArguments, args: BetterTogetherConfig, model_args: ModelConfig) -> dict | None:
     check_model_name_or_path(model_args.model_name_or_path)  # an unknown embedded: name fails before the data loads
+    parse_strategy(args.strategy, prompt_steps=args.prompt_optimizers or {})  # so does an unknown step name
     task = task_args.load()
     quiet = QuietConsole.for_run(args)
     with quiet.routing():

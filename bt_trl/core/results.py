@@ -11,11 +11,11 @@ from bt_trl.core.data import read_json_file
 
 STATE_FILE = "bettertogether_state.json"
 RESULTS_FILES = ("results.md", "results.json", "results.png")  # what `write_results` writes
-_STEP_DIR = re.compile(r"step_\d+_(vanilla|p|w)")
+_STEP_DIR = re.compile(r"step_\d+_[A-Za-z][A-Za-z0-9_]*")  # `step_<index>_<step name>`, as `step_dir_name` writes
 
 
 def step_dir_name(index: int, kind: str) -> str:
-    """The folder of step `index` (of kind `kind`) in a run's output_dir."""
+    """The folder of step `index` (`kind`: "vanilla" or the step's name in the strategy) in a run's output_dir."""
     return f"step_{index}_{kind}"
 
 
@@ -27,7 +27,7 @@ def step_dirs(output_dir: str | Path) -> list[Path]:
 @dataclass
 class StepResult:
     index: int  # 0 is the initial ("vanilla") program, then one per strategy step
-    kind: str  # "vanilla", "p" or "w"
+    kind: str  # "vanilla" or the step's name in the strategy ("p", "w", "gepa", ...)
     val_score: float  # percent
     weights_version: int  # how many w steps have changed the weights
     weights_dir: str  # folder (relative to output_dir) holding this step's weights
