@@ -27,8 +27,8 @@ class BetterTogetherConfig(SFTConfig):
 
         strategy (`str`, *optional*, defaults to `"p -> w -> p"`):
             Chain of steps separated by `->`: `p` optimizes the prompts (few-shot demos bootstrapped with the current
-            weights), `w` fine-tunes the weights on the program's own passing traces. Any chain is allowed:
-            `"p"`, `"w"`, `"p -> w"`, `"w -> p"`, `"p -> p"`, `"w -> w"`, ...
+            weights), `w` fine-tunes the weights on the program's own passing traces, `grpo` trains them with GRPO on
+            the program's metric. Any chain is allowed: `"p"`, `"w"`, `"p -> w"`, `"w -> p"`, `"p -> grpo -> p"`, ...
         w_step_init (`str`, *optional*, defaults to `"continue"`):
             Where a `w` step starts training from: `"continue"` trains the current weights (adapter) further;
             `"base"` restarts from the initial weights, so that every `w` step is one fine-tuning run of the base
@@ -64,6 +64,20 @@ class BetterTogetherConfig(SFTConfig):
             default, as DSPy's `BootstrapFinetune` keeps them), they teach the model to answer as the program does;
             dropped, a model that copies the placeholder in most runs leaves the step little to train on
             (`results/iris_qwen05`, `results/iris_qwen15`).
+
+        > Parameters that control the grpo step (GRPO with mmGRPO's per-module groups; it trains with the SFTConfig
+        fields as the w step does, `num_train_epochs` being the passes over each round's rollouts)
+
+        grpo_num_generations (`int`, *optional*, defaults to `8`):
+            Rollouts (sampled program runs) per trainset example; the calls of one module at one invocation index in
+            an example's rollouts form a group.
+        grpo_temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of the rollouts (and of the log-probabilities in the loss, as in TRL's GRPO).
+        grpo_format_failure_score (`float`, *optional*, defaults to `-1.0`):
+            Reward of a rollout whose output did not parse; keep it below every value the metric returns.
+        grpo_rounds (`int`, *optional*, defaults to `1`):
+            Rounds per grpo step: each samples rollouts on the whole trainset with the current weights and trains on
+            its groups.
 
         > Parameters that control generation (program calls served from the live model)
 
@@ -144,6 +158,17 @@ class BetterTogetherConfig(SFTConfig):
         metadata={"help": "w step: leave out passing runs that copied DSPy's missing-field placeholder "
                           "('Not supplied for this particular example.')."},
     )
+    grpo_num_generations: int = field(
+        default=8, metadata={"help": "grpo step: rollouts per trainset example (a group's size)."}
+    )
+    grpo_temperature: float = field(default=1.0, metadata={"help": "grpo step: sampling temperature of rollouts."})
+    grpo_format_failure_score: float = field(
+        default=-1.0,
+        metadata={"help": "grpo step: reward of a rollout whose output did not parse (below the metric's values)."},
+    )
+    grpo_rounds: int = field(
+        default=1, metadata={"help": "grpo step: rounds of rollouts on the trainset, each followed by training."}
+    )
     num_threads: int = field(default=8, metadata={"help": "Concurrent program calls (DSPy threads)."})
     generation_batch_size: int = field(default=8, metadata={"help": "Maximum requests generated in one batch."})
     generation_batch_wait: float = field(
@@ -205,9 +230,16 @@ class BetterTogetherConfig(SFTConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if PROMPT_STEP in self.steps:
             check_demo_counts(self.max_bootstrapped_demos, self.max_labeled_demos)
-        for name in ("num_threads", "generation_batch_size", "generation_max_tokens", "max_rounds", "trace_rounds"):
+        for name in ("num_threads", "generation_batch_size", "generation_max_tokens", "max_rounds", "trace_rounds",
+                     "grpo_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grpo_num_generations < 2:
+            raise ValueError(f"grpo_num_generations must be >= 2 (a group compares rollouts), got "
+                             f"{self.grpo_num_generations}")
+        if self.grpo_temperature <= 0:
+            raise ValueError(f"grpo_temperature must be > 0 (greedy rollouts are all alike), got "
+                             f"{self.grpo_temperature}")
         if self.generation_temperature < 0:
             raise ValueError(f"generation_temperature must be >= 0, got {self.generation_temperature}")
         if self.generation_backend not in GENERATION_BACKENDS:

@@ -1,10 +1,12 @@
-"""BetterTogether strategies: chains of prompt (`p`) and weight (`w`) optimization steps, written `p -> w -> p`."""
+"""BetterTogether strategies: chains of prompt (`p`) and weight (`w`, `grpo`) optimization steps, as `p -> w -> p`."""
 
 from __future__ import annotations
 
 PROMPT_STEP = "p"
 WEIGHT_STEP = "w"
-STEP_NAMES = {PROMPT_STEP: "prompt optimization", WEIGHT_STEP: "weight optimization (fine-tuning)"}
+GRPO_STEP = "grpo"
+STEP_NAMES = {PROMPT_STEP: "prompt optimization", WEIGHT_STEP: "weight optimization (fine-tuning)",
+              GRPO_STEP: "weight optimization (GRPO on the program's metric)"}
 SEPARATOR = "->"
 
 
