@@ -31,7 +31,8 @@ class BetterTogetherConfig(SFTConfig):
             Chain of named steps separated by `->`. Prompt steps: `p` (few-shot demos bootstrapped with the current
             weights, or the trainer's `prompt_optimizer`), `gepa` (`dspy.GEPA`), `mipro` (`dspy.MIPROv2`), `simba`
             (`dspy.SIMBA`), or a name of `prompt_optimizers`. Weight steps: `w` (or `sft`) fine-tunes the weights on
-            the program's own passing traces. Any chain is allowed: `"p"`, `"w -> p"`, `"gepa -> w -> gepa"`, ...
+            the program's own passing traces; `grpo` trains them with GRPO on the program's metric. Any chain is
+            allowed: `"p"`, `"w -> p"`, `"gepa -> w -> gepa"`, `"p -> grpo -> p"`, ...
         prompt_optimizers (`dict[str, dict]`, *optional*):
             Prompt steps of one's own, or new arguments for the built-in ones: name → `{class: <dspy.teleprompt
             class>, <argument>: <value>, ...}` (without `class`, the arguments change a built-in step's), e.g.
@@ -86,6 +87,20 @@ class BetterTogetherConfig(SFTConfig):
             When every checkpoint scores below the weights the `w` step started from, end the step on those (its
             results row says so). `False` keeps the best checkpoint even then. Among equal scores the latest
             checkpoint is kept.
+
+        > Parameters that control the grpo step (GRPO with mmGRPO's per-module groups; it trains with the SFTConfig
+        fields as the w step does, `num_train_epochs` being the passes over each round's rollouts)
+
+        grpo_num_generations (`int`, *optional*, defaults to `8`):
+            Rollouts (sampled program runs) per trainset example; the calls of one module at one invocation index in
+            an example's rollouts form a group.
+        grpo_temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of the rollouts (and of the log-probabilities in the loss, as in TRL's GRPO).
+        grpo_format_failure_score (`float`, *optional*, defaults to `-1.0`):
+            Reward of a rollout whose output did not parse; keep it below every value the metric returns.
+        grpo_rounds (`int`, *optional*, defaults to `1`):
+            Rounds per grpo step: each samples rollouts on the whole trainset with the current weights and trains on
+            its groups.
 
         > Parameters that control generation (program calls served from the live model)
 
@@ -187,6 +202,17 @@ class BetterTogetherConfig(SFTConfig):
         default=True,
         metadata={"help": "A w step ends on its starting weights when every checkpoint scores below them."},
     )
+    grpo_num_generations: int = field(
+        default=8, metadata={"help": "grpo step: rollouts per trainset example (a group's size)."}
+    )
+    grpo_temperature: float = field(default=1.0, metadata={"help": "grpo step: sampling temperature of rollouts."})
+    grpo_format_failure_score: float = field(
+        default=-1.0,
+        metadata={"help": "grpo step: reward of a rollout whose output did not parse (below the metric's values)."},
+    )
+    grpo_rounds: int = field(
+        default=1, metadata={"help": "grpo step: rounds of rollouts on the trainset, each followed by training."}
+    )
     num_threads: int = field(default=8, metadata={"help": "Concurrent program calls (DSPy threads)."})
     generation_batch_size: int = field(default=8, metadata={"help": "Maximum requests generated in one batch."})
     generation_batch_wait: float = field(
@@ -262,9 +288,15 @@ class BetterTogetherConfig(SFTConfig):
             raise ValueError(f"weight_step_eval_size must be >= 1 (or None for the whole valset), got "
                              f"{self.weight_step_eval_size}")
         for name in ("num_threads", "generation_batch_size", "generation_max_tokens", "max_rounds", "trace_rounds",
-                     "weight_step_eval_steps"):
+                     "weight_step_eval_steps", "grpo_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grpo_num_generations < 2:
+            raise ValueError(f"grpo_num_generations must be >= 2 (a group compares rollouts), got "
+                             f"{self.grpo_num_generations}")
+        if self.grpo_temperature <= 0:
+            raise ValueError(f"grpo_temperature must be > 0 (greedy rollouts are all alike), got "
+                             f"{self.grpo_temperature}")
         if self.generation_temperature < 0:
             raise ValueError(f"generation_temperature must be >= 0, got {self.generation_temperature}")
         if self.generation_backend not in GENERATION_BACKENDS:

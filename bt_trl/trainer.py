@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -8,7 +9,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,11 @@ from bt_trl.serving.engine import (
 )
 from bt_trl.serving.models import check_model_name_or_path, resolve_model_name_or_path
 from bt_trl.serving.vllm import VLLMBackend, check_vllm_usable
+from bt_trl.steps.grpo import collect_rollouts, group_rollouts, reinforce_on
 from bt_trl.steps.optimizers import bound, built_in_specs, describe, named_prompt_optimizers
 from bt_trl.steps.prompt import PromptOptimizer, default_prompt_optimizer, expected_program_calls, prompt_step
 from bt_trl.steps.sft import FORMAT_ROW, TraceDataset, collect_traces, finetune_on
-from bt_trl.steps.strategy import PROMPT_STEP, VANILLA, is_prompt_step, is_weight_step, parse_strategy
+from bt_trl.steps.strategy import GRPO_STEP, PROMPT_STEP, VANILLA, is_prompt_step, is_weight_step, parse_strategy
 from bt_trl.steps.validation import ValidationGuard, validation_examples
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ logger = logging.getLogger(__name__)
 PROGRAM_FILE = hub.PROGRAM_FILE  # the file load_program reads
 SFT_DATASET_FILE = "sft_dataset.jsonl"
 VALIDATION_CHECKPOINT_DIR = "best_checkpoint"  # in a w step's folder while it trains: its best weights so far
+GRPO_ROLLOUTS_FILE = "grpo_rollouts.jsonl"  # every module call in a group, with its reward and advantage
+GRPO_STATS_FILE = "grpo_stats.json"  # each round's group statistics and losses
 # What a run writes at the top of output_dir besides its step folders (and run.log, which every run appends to):
 # `overwrite_output_dir` removes them, so that no weights of the old run stay beside the new run's.
 RUN_FILES = (STATE_FILE, *RESULTS_FILES, PROGRAM_FILE, hub.METADATA_FILE, hub.ADAPTER_WEIGHTS_FILE,
@@ -221,6 +225,8 @@ class BetterTogetherTrainer(SFTTrainer):
                     self.program = self.optimize_program_prompts(kind, after_prompt_step=is_prompt_step(
                         state.steps[-1].kind))
                     result = self._finish_step(index, kind, started, state)
+                elif kind == GRPO_STEP:
+                    result = self._finish_step(index, kind, started, state, outcome=self.reinforce_weights(index))
                 else:
                     traces = self.collect_traces(self.program)
                     self._save_dataset(traces, index)
@@ -314,6 +320,44 @@ class BetterTogetherTrainer(SFTTrainer):
         with self.serving() as lm:
             return self.runner.evaluate(self.program, examples, lm).score
 
+    def reinforce_weights(self, index: int) -> WeightStepOutcome:
+        """The grpo step: `grpo_rounds` rounds, each sampling `grpo_num_generations` rollouts of the program on every
+        trainset example from the current weights, grouping their module calls as mmGRPO does and training on the
+        groups with TRL's GRPO loss (`steps.grpo`). Saves the grouped calls (`GRPO_ROLLOUTS_FILE`) and each round's
+        group statistics and losses (`GRPO_STATS_FILE`) in the step's folder. Returns the first and last logged
+        training loss, or no losses when no group had reward variance (the weights are then unchanged)."""
+        args = self.args
+        step_dir = Path(args.output_dir) / step_dir_name(index, GRPO_STEP)
+        rows, rounds, losses, trained = [], [], [], False
+        for round_index in range(args.grpo_rounds):
+            first_rollout_id = (index * args.grpo_rounds + round_index) * args.grpo_num_generations  # unique per run
+            with self.serving() as lm:
+                rollouts = collect_rollouts(self.runner, self.program, self.trainset, lm, args.grpo_num_generations,
+                                            args.grpo_temperature, first_rollout_id)
+            grouped = group_rollouts(self.program, rollouts, args.grpo_format_failure_score)
+            stats, round_losses = grouped.stats, []
+            if stats.trained:
+                round_losses = reinforce_on(self, grouped.training_rows(), str(step_dir), args.grpo_temperature)
+                self._weights_version += 1
+                trained = True
+            else:
+                warnings.warn(
+                    f"grpo step {index}, round {round_index + 1}: no group with reward variance ({stats.groups} groups "
+                    f"from {stats.rollouts} rollouts, {stats.format_failures} unparseable, {stats.unscored} "
+                    "unscored); the weights are left unchanged this round",
+                    stacklevel=2,
+                )
+            rows += [{"round": round_index, **row} for row in grouped.rows]
+            rounds.append({"round": round_index, **asdict(stats), "losses": round_losses})
+            losses += round_losses
+        if self.is_world_process_zero():
+            step_dir.mkdir(parents=True, exist_ok=True)
+            (step_dir / GRPO_ROLLOUTS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+            (step_dir / GRPO_STATS_FILE).write_text(json.dumps(rounds, indent=1))
+        if not trained:
+            return WeightStepOutcome()
+        return WeightStepOutcome(losses=(losses[0], losses[-1]) if losses else (float("nan"), float("nan")))
+
     def evaluate_program(self, examples, program: dspy.Module | None = None) -> RunSummary:
         """Scores `program` (default: `trainer.program`) on `examples` with the current weights."""
         program = program or self.program
@@ -384,6 +428,8 @@ class BetterTogetherTrainer(SFTTrainer):
 
     def _expected_program_calls(self, kind: str) -> int | None:
         """At most how many program calls a step of `kind` makes, its valset scoring included (None: unknown)."""
+        if kind == GRPO_STEP:
+            return len(self.trainset) * self.args.grpo_num_generations * self.args.grpo_rounds + len(self.valset)
         if is_weight_step(kind):
             if self.args.weight_step_eval == "steps":
                 return None  # the number of checkpoints depends on the traces
@@ -439,6 +485,8 @@ class BetterTogetherTrainer(SFTTrainer):
                 result.first_loss, result.last_loss = outcome.losses
                 result.val_curve, result.kept_checkpoint = outcome.val_curve, outcome.kept_checkpoint
                 result.validation_seconds = outcome.validation_seconds
+        if traces is None and outcome is not None and outcome.losses is not None:  # a grpo step
+            result.first_loss, result.last_loss = outcome.losses
         if self.is_world_process_zero():
             step_dir.mkdir(parents=True, exist_ok=True)
             self.program.save(str(step_dir / PROGRAM_FILE))

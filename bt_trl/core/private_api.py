@@ -14,8 +14,8 @@ PRIVATE_API: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "trl:SFTTrainer._name": (None, "set as TRL's trainers set it: the trainer's name in the model card"),
     "trl:SFTTrainer._prepare_dataset": (
         ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"),
-        "each fine-tuning run tokenizes its new rows as SFTTrainer.__init__ tokenizes its dataset "
-        "(steps.sft.finetune_on)",
+        "each training run (w and grpo steps) tokenizes its new rows as SFTTrainer.__init__ tokenizes its dataset "
+        "(steps.sft.tokenized_rows)",
     ),
     "transformers:Trainer._push_from_checkpoint": (
         ("self", "checkpoint_folder"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dspy
+from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import AdapterParseError
 
 from bt_trl.core.interrupts import raise_if_interrupted
@@ -39,6 +40,8 @@ class ProgramCall:
     score: float = 0.0
     metric_value: float | None = None  # the metric's value as a number, before `metric_threshold`
     error: str | None = None  # None, "parse", "metric" or "program"
+    # Traced with error "parse": what the failing module wrote. Its call ends the trace, with empty outputs.
+    unparsed_output: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -232,6 +235,25 @@ def passes(value, threshold: float | None) -> bool:
     return metric_score(value, threshold) > 0
 
 
+class _FailedPredictorCall(BaseCallback):
+    """Remembers, during one program call, the last predictor call whose output did not parse, with its inputs: DSPy
+    traces only the calls that returned."""
+
+    def __init__(self):
+        self._started: dict[str, tuple[dspy.Predict, dict]] = {}
+        self.call: tuple[dspy.Predict, dict] | None = None
+
+    def on_module_start(self, call_id: str, instance, inputs: dict) -> None:
+        if isinstance(instance, dspy.Predict):
+            fields = instance.signature.input_fields
+            self._started[call_id] = (instance, {k: v for k, v in inputs["kwargs"].items() if k in fields})
+
+    def on_module_end(self, call_id: str, outputs, exception: BaseException | None = None) -> None:
+        started = self._started.pop(call_id, None)
+        if started is not None and isinstance(exception, AdapterParseError):
+            self.call = started
+
+
 class ProgramRunner:
     """Runs a program over examples with `num_threads` concurrent calls (which the LM engine batches). With `ranks`
     spanning several processes, each runs its share of the examples (every rank must call `run` together)."""
@@ -247,7 +269,8 @@ class ProgramRunner:
     def run(self, program: dspy.Module, examples: list[dspy.Example], lm: dspy.LM,
             with_trace: bool = False) -> list[ProgramCall]:
         """Calls `program` on every example with `lm`. With `with_trace`, records the module calls of each run and
-        scores it with `metric(example, prediction, trace)` — the DSPy convention for "does this trace pass".
+        scores it with `metric(example, prediction, trace)` — the DSPy convention for "does this trace pass"; a run
+        whose output did not parse keeps its trace up to the failing call (`ProgramCall.unparsed_output`).
         Returns one `ProgramCall` per example, in order, on every rank."""
         if self.ranks is None or self.ranks.world_size == 1:
             return self._run_here(program, examples, lm, with_trace)
@@ -267,11 +290,17 @@ class ProgramRunner:
         def call(example: dspy.Example) -> ProgramCall:
             result = ProgramCall(example)
             trace: list = []
-            with dspy.context(lm=lm, trace=trace, adapter=adapter, callbacks=callbacks):
+            failed = _FailedPredictorCall()
+            with dspy.context(lm=lm, trace=trace, adapter=adapter,
+                              callbacks=[*callbacks, failed] if with_trace else callbacks):
                 try:
                     result.prediction = program(**example.inputs())
-                except AdapterParseError:
+                except AdapterParseError as error:
                     result.error = "parse"
+                    if with_trace and failed.call is not None:
+                        predictor, inputs = failed.call
+                        result.trace = [*trace, (predictor, inputs, dspy.Prediction())]
+                        result.unparsed_output = error.lm_response
                     return result
                 except Exception as exc:  # the user's program may raise anything; one bad call must not end the run
                     raise_if_interrupted(exc)

@@ -101,15 +101,27 @@ def collect_traces(runner: ProgramRunner, program: dspy.Module, trainset: list[d
 
 def finetune_on(trainer: SFTTrainer, dataset: datasets.Dataset, output_dir: str) -> list[float]:
     """One fine-tuning run of `trainer` (an `SFTTrainer` built on `FORMAT_ROW`, or one that trained before) on
-    `dataset`'s conversational prompt/completion rows: SFTTrainer's own training, writing to `output_dir`, with a new
-    optimizer and LR schedule as a first `train()` makes them. The w step and the DSPy provider's jobs both train
-    here; the private API it touches is listed in `core/private_api.py`. Returns the logged training losses."""
+    `dataset`'s conversational prompt/completion rows (`training_run`). The w step and the DSPy provider's jobs both
+    train here. Returns the logged training losses."""
+    trainer.train_dataset = tokenized_rows(trainer, dataset)
+    return training_run(trainer, output_dir)
+
+
+def tokenized_rows(trainer: SFTTrainer, dataset: datasets.Dataset) -> datasets.Dataset:
+    """`dataset`'s conversational prompt/completion rows tokenized as `SFTTrainer.__init__` tokenizes its dataset
+    (`input_ids`, `labels` masking the prompt, truncated to `max_length`; other columns kept)."""
     args = trainer.args
-    trainer.train_dataset = trainer._prepare_dataset(
-        dataset, trainer.processing_class, args, args.packing, None, "train"
-    )
-    if len(trainer.train_dataset) == 0 and len(dataset) > 0:
+    tokenized = trainer._prepare_dataset(dataset, trainer.processing_class, args, args.packing, None, "train")
+    if len(tokenized) == 0 and len(dataset) > 0:
         raise ValueError(too_long_prompts_message(trainer.processing_class, dataset, args.max_length))
+    return tokenized
+
+
+def training_run(trainer: SFTTrainer, output_dir: str) -> list[float]:
+    """SFTTrainer's own training of `trainer` on its `train_dataset`, writing to `output_dir`, with a new optimizer
+    and LR schedule as a first `train()` makes them. The private API it touches is listed in `core/private_api.py`.
+    Returns the logged training losses."""
+    args = trainer.args
     trainer.optimizer, trainer.lr_scheduler = None, None
     run_output_dir, args.output_dir = args.output_dir, output_dir
     try:

@@ -1,5 +1,5 @@
 """BetterTogether strategies: chains of named steps, written `p -> w -> p`. A step name is a prompt step (a DSPy
-teleprompter: `p`, `gepa`, `mipro`, `simba`, or one of the user's own) or a weight step (`w`, `sft`)."""
+teleprompter: `p`, `gepa`, `mipro`, `simba`, or one of the user's own) or a weight step (`w`, `sft`, `grpo`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ PROMPT_STEPS = {
     "mipro": "prompt optimization with dspy.MIPROv2 (auto='light')",
     "simba": "prompt optimization with dspy.SIMBA",
 }
-WEIGHT_STEPS = {WEIGHT_STEP: "weight optimization (SFT on the program's passing traces)", "sft": "the same as 'w'"}
+GRPO_STEP = "grpo"
+WEIGHT_STEPS = {WEIGHT_STEP: "weight optimization (SFT on the program's passing traces)", "sft": "the same as 'w'",
+                GRPO_STEP: "weight optimization (GRPO on the program's metric, mmGRPO's per-module groups)"}
 STEP_NAMES = PROMPT_STEPS | WEIGHT_STEPS
 SEPARATOR = "->"
 # A step's name is also its folder's suffix (`step_2_gepa`) and, joined with '-', a `bt-trl reproduce` folder.
