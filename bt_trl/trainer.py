@@ -84,6 +84,11 @@ class WeightStepOutcome:
     kept_checkpoint: str | None = None
     validation_seconds: float | None = None
 
+    @classmethod
+    def of(cls, losses: list[float]) -> WeightStepOutcome:
+        """A step that trained, with its logged training losses (NaN when none was logged)."""
+        return cls(losses=(losses[0], losses[-1]) if losses else (float("nan"), float("nan")))
+
 
 class BetterTogetherTrainer(SFTTrainer):
     """BetterTogether (Soylu, Potts, Khattab, 2024): alternate prompt and weight optimization of a DSPy program on the
@@ -288,20 +293,19 @@ class BetterTogetherTrainer(SFTTrainer):
         finally:
             if guard is not None:
                 self.remove_callback(guard)
-        outcome = WeightStepOutcome(losses=(losses[0], losses[-1]) if losses else (float("nan"), float("nan")))
+        outcome = WeightStepOutcome.of(losses)
         if guard is not None:
-            kept = guard.best or guard.curve[0]  # (no checkpoint at all: training took no optimizer step)
+            outcome.kept_start = guard.kept is guard.start
             self.accelerator.wait_for_everyone()  # the main process has written the best checkpoint
-            if kept is guard.curve[0]:
+            if outcome.kept_start:
                 self._load_weights(start.weights_dir)
             elif guard.best_saved:
                 self._load_weights(VALIDATION_CHECKPOINT_DIR, str(step_dir))
             self.accelerator.wait_for_everyone()  # every rank has read it
             if self.is_world_process_zero():
                 guard.remove_checkpoint()
-            outcome.kept_start = kept is guard.curve[0]
             outcome.val_curve = [[c.step, c.epoch, c.score] for c in guard.curve]
-            outcome.kept_checkpoint, outcome.validation_seconds = kept.label, guard.seconds
+            outcome.kept_checkpoint, outcome.validation_seconds = guard.kept.label, guard.seconds
         if not outcome.kept_start:
             self._weights_version += 1
         return outcome
@@ -354,9 +358,7 @@ class BetterTogetherTrainer(SFTTrainer):
             step_dir.mkdir(parents=True, exist_ok=True)
             (step_dir / GRPO_ROLLOUTS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
             (step_dir / GRPO_STATS_FILE).write_text(json.dumps(rounds, indent=1))
-        if not trained:
-            return WeightStepOutcome()
-        return WeightStepOutcome(losses=(losses[0], losses[-1]) if losses else (float("nan"), float("nan")))
+        return WeightStepOutcome.of(losses) if trained else WeightStepOutcome()
 
     def evaluate_program(self, examples, program: dspy.Module | None = None) -> RunSummary:
         """Scores `program` (default: `trainer.program`) on `examples` with the current weights."""
@@ -434,7 +436,7 @@ class BetterTogetherTrainer(SFTTrainer):
             if self.args.weight_step_eval == "steps":
                 return None  # the number of checkpoints depends on the traces
             checkpoints = math.ceil(self.args.num_train_epochs) if self.args.weight_step_eval == "epoch" else 0
-            examples = min(self.args.weight_step_eval_size or len(self.valset), len(self.valset))
+            examples = len(validation_examples(self.valset, self.args.weight_step_eval_size, self.args.seed))
             return len(self.trainset) * self.args.trace_rounds + len(self.valset) + checkpoints * examples
         if is_prompt_step(kind):
             optimizer_calls = expected_program_calls(self.prompt_optimizers[kind], len(self.trainset),

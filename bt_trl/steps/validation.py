@@ -85,8 +85,13 @@ class ValidationGuard(TrainerCallback):
         self.seconds += time.perf_counter() - started
 
     @property
-    def last(self) -> Checkpoint:
-        return self.curve[-1]
+    def start(self) -> Checkpoint:
+        return self.curve[0]
+
+    @property
+    def kept(self) -> Checkpoint:
+        """The checkpoint the step ends on (the start when training took no optimizer step)."""
+        return self.best or self.start
 
     def remove_checkpoint(self) -> None:
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
