@@ -76,15 +76,15 @@ class BetterTogetherConfig(SFTConfig):
         > Parameters that control the weight step's validation
 
         weight_step_eval (`str`, *optional*, defaults to `"epoch"`):
-            When a `w` step scores the program, served from the weights it is training, on the valset: `"epoch"`
-            (after every epoch), `"steps"` (every `weight_step_eval_steps` optimizer steps and at the end) or `"no"`.
-            The step keeps the weights of its best checkpoint; with `"no"` it keeps the weights of its last one.
+            When a weight step (`w`, `grpo`) scores the program, served from the weights it is training, on the
+            valset: `"epoch"` (after every epoch), `"steps"` (every `weight_step_eval_steps` optimizer steps and at the
+            end) or `"no"`. The step keeps the weights of its best checkpoint; with `"no"` those of its last one.
         weight_step_eval_steps (`int`, *optional*, defaults to `10`):
             With `weight_step_eval="steps"`: optimizer steps between two checkpoints.
         weight_step_eval_size (`int`, *optional*):
             Score the checkpoints on a seeded sample of this many valset examples (default: the whole valset).
         weight_step_keep_start (`bool`, *optional*, defaults to `True`):
-            When every checkpoint scores below the weights the `w` step started from, end the step on those (its
+            When every checkpoint scores below the weights the weight step started from, end the step on those (its
             results row says so). `False` keeps the best checkpoint even then. Among equal scores the latest
             checkpoint is kept.
 
@@ -189,18 +189,18 @@ class BetterTogetherConfig(SFTConfig):
     )
     weight_step_eval: str = field(
         default="epoch",
-        metadata={"help": "When a w step scores the program on the valset while it trains: 'epoch', 'steps' or 'no'.",
+        metadata={"help": "When a weight step scores the program on the valset while it trains: 'epoch', 'steps', 'no'.",
                   "choices": list(WEIGHT_STEP_EVALS)},
     )
     weight_step_eval_steps: int = field(
         default=10, metadata={"help": "With weight_step_eval='steps': optimizer steps between two checkpoints."}
     )
     weight_step_eval_size: int | None = field(
-        default=None, metadata={"help": "Score a w step's checkpoints on a sample of this many valset examples."}
+        default=None, metadata={"help": "Score weight step checkpoints on a sample of this many valset examples."}
     )
     weight_step_keep_start: bool = field(
         default=True,
-        metadata={"help": "A w step ends on its starting weights when every checkpoint scores below them."},
+        metadata={"help": "A weight step ends on its starting weights when every checkpoint scores below them."},
     )
     grpo_num_generations: int = field(
         default=8, metadata={"help": "grpo step: rollouts per trainset example (a group's size)."}

@@ -282,17 +282,26 @@ class BetterTogetherTrainer(SFTTrainer):
             )
             return WeightStepOutcome()
         step_dir = Path(self.args.output_dir) / step_dir_name(index, self.args.steps[index - 1])
-        start = self.run_state.steps[-1]
-        guard = self._validation_guard(start, step_dir) if self.args.weight_step_eval != "no" else None
         if self.args.w_step_init == "base":
             self._load_weights(self.run_state.steps[0].weights_dir)
+        return self._validated_training(step_dir, lambda guard: finetune_on(self, traces.dataset, str(step_dir)))
+
+    def _validated_training(self, step_dir: Path,
+                            train: Callable[[ValidationGuard | None], list[float] | None]) -> WeightStepOutcome:
+        """A weight step's training: `train(guard)` runs it and returns the logged losses (None when it trained
+        nothing). With `weight_step_eval`, `guard` scores the program on the valset at checkpoints while it trains
+        (`steps.validation.ValidationGuard`) and the step ends on the best checkpoint's weights."""
+        start = self.run_state.steps[-1]
+        guard = self._validation_guard(start, step_dir) if self.args.weight_step_eval != "no" else None
         if guard is not None:
             self.add_callback(guard)
         try:
-            losses = finetune_on(self, traces.dataset, str(step_dir))
+            losses = train(guard)
         finally:
             if guard is not None:
                 self.remove_callback(guard)
+        if losses is None:
+            return WeightStepOutcome()
         outcome = WeightStepOutcome.of(losses)
         if guard is not None:
             outcome.kept_start = guard.kept is guard.start
@@ -328,37 +337,47 @@ class BetterTogetherTrainer(SFTTrainer):
         """The grpo step: `grpo_rounds` rounds, each sampling `grpo_num_generations` rollouts of the program on every
         trainset example from the current weights, grouping their module calls as mmGRPO does and training on the
         groups with TRL's GRPO loss (`steps.grpo`). Saves the grouped calls (`GRPO_ROLLOUTS_FILE`) and each round's
-        group statistics and losses (`GRPO_STATS_FILE`) in the step's folder. Returns the first and last logged
-        training loss, or no losses when no group had reward variance (the weights are then unchanged)."""
+        group statistics and losses (`GRPO_STATS_FILE`) in the step's folder. Validated as the SFT step is, over all
+        rounds (the next round samples the last weights; the step ends on the best checkpoint's). No losses when no
+        group had reward variance (the weights are then unchanged)."""
         args = self.args
         step_dir = Path(args.output_dir) / step_dir_name(index, GRPO_STEP)
-        rows, rounds, losses, trained = [], [], [], False
-        for round_index in range(args.grpo_rounds):
-            first_rollout_id = (index * args.grpo_rounds + round_index) * args.grpo_num_generations  # unique per run
-            with self.serving() as lm:
-                rollouts = collect_rollouts(self.runner, self.program, self.trainset, lm, args.grpo_num_generations,
-                                            args.grpo_temperature, first_rollout_id)
-            grouped = group_rollouts(self.program, rollouts, args.grpo_format_failure_score)
-            stats, round_losses = grouped.stats, []
-            if stats.trained:
-                round_losses = reinforce_on(self, grouped.training_rows(), str(step_dir), args.grpo_temperature)
-                self._weights_version += 1
-                trained = True
-            else:
-                warnings.warn(
-                    f"grpo step {index}, round {round_index + 1}: no group with reward variance ({stats.groups} groups "
-                    f"from {stats.rollouts} rollouts, {stats.format_failures} unparseable, {stats.unscored} "
-                    "unscored); the weights are left unchanged this round",
-                    stacklevel=2,
-                )
-            rows += [{"round": round_index, **row} for row in grouped.rows]
-            rounds.append({"round": round_index, **asdict(stats), "losses": round_losses})
-            losses += round_losses
+        rows, rounds = [], []
+
+        def train(guard: ValidationGuard | None) -> list[float] | None:
+            losses, trained = [], False
+            for round_index in range(args.grpo_rounds):
+                first_rollout_id = (index * args.grpo_rounds + round_index) * args.grpo_num_generations  # run-unique
+                with self.serving() as lm:
+                    rollouts = collect_rollouts(self.runner, self.program, self.trainset, lm,
+                                                args.grpo_num_generations, args.grpo_temperature, first_rollout_id)
+                grouped = group_rollouts(self.program, rollouts, args.grpo_format_failure_score)
+                stats, round_losses = grouped.stats, []
+                if stats.trained:
+                    if guard is not None:
+                        if trained:
+                            guard.next_run(self.state)
+                        guard.final_run = round_index == args.grpo_rounds - 1
+                    round_losses = reinforce_on(self, grouped.training_rows(), str(step_dir), args.grpo_temperature)
+                    trained = True
+                else:
+                    warnings.warn(
+                        f"grpo step {index}, round {round_index + 1}: no group with reward variance ({stats.groups} "
+                        f"groups from {stats.rollouts} rollouts, {stats.format_failures} unparseable, "
+                        f"{stats.unscored} unscored); the weights are left unchanged this round",
+                        stacklevel=3,
+                    )
+                rows.extend({"round": round_index, **row} for row in grouped.rows)
+                rounds.append({"round": round_index, **asdict(stats), "losses": round_losses})
+                losses += round_losses
+            return losses if trained else None
+
+        outcome = self._validated_training(step_dir, train)
         if self.is_world_process_zero():
             step_dir.mkdir(parents=True, exist_ok=True)
             (step_dir / GRPO_ROLLOUTS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
             (step_dir / GRPO_STATS_FILE).write_text(json.dumps(rounds, indent=1))
-        return WeightStepOutcome.of(losses) if trained else WeightStepOutcome()
+        return outcome
 
     def evaluate_program(self, examples, program: dspy.Module | None = None) -> RunSummary:
         """Scores `program` (default: `trainer.program`) on `examples` with the current weights."""
@@ -481,14 +500,13 @@ class BetterTogetherTrainer(SFTTrainer):
                 s.parse_failures, s.metric_errors, s.program_errors
             )
             result.sft_examples = len(traces.dataset)
-            if outcome.losses is None:
-                result.skipped = "no trace to train on: weights unchanged"
-            else:
-                result.first_loss, result.last_loss = outcome.losses
-                result.val_curve, result.kept_checkpoint = outcome.val_curve, outcome.kept_checkpoint
-                result.validation_seconds = outcome.validation_seconds
-        if traces is None and outcome is not None and outcome.losses is not None:  # a grpo step
+        if outcome is not None and outcome.losses is not None:
             result.first_loss, result.last_loss = outcome.losses
+            result.val_curve, result.kept_checkpoint = outcome.val_curve, outcome.kept_checkpoint
+            result.validation_seconds = outcome.validation_seconds
+        elif outcome is not None:
+            reason = "no trace to train on" if traces is not None else "no group with reward variance"
+            result.skipped = f"{reason}: weights unchanged"
         if self.is_world_process_zero():
             step_dir.mkdir(parents=True, exist_ok=True)
             self.program.save(str(step_dir / PROGRAM_FILE))

@@ -9,6 +9,8 @@ import dspy
 import pytest
 import torch
 from conftest import TwoStepIris, tiny_model
+from test_trainer import config, make_trainer
+from test_weight_step_validation import CheckpointRecorder, indexed
 from peft import LoraConfig
 from safetensors.torch import load_file
 from trl import GRPOConfig, GRPOTrainer
@@ -168,7 +170,7 @@ def test_grpo_strategy_trains_the_weights_and_saves_the_rollouts(format_model, t
     args = BetterTogetherConfig(
         str(tmp_path), strategy="grpo", report_to="none", generation_max_tokens=48, num_threads=8,
         grpo_num_generations=4, num_train_epochs=1, per_device_train_batch_size=6, learning_rate=1e-3,
-        logging_steps=1, save_strategy="no", max_length=1024, seed=0,
+        logging_steps=1, save_strategy="no", max_length=1024, seed=0, weight_step_eval="no",
     )
     trainer = BetterTogetherTrainer(
         model=format_model, args=args, program=iris.program(), metric=graded, trainset=train, valset=val,
@@ -191,3 +193,31 @@ def test_grpo_strategy_trains_the_weights_and_saves_the_rollouts(format_model, t
     assert any(row["advantage"] is not None for row in rows)
     (round_stats,) = json.loads((tmp_path / "step_1_grpo" / "grpo_stats.json").read_text())
     assert round_stats["rollouts"] == 12 and round_stats["groups"] == 3 and len(round_stats["losses"]) == 2
+
+
+def test_grpo_step_validated_over_its_rounds_ends_on_the_best_checkpoint(format_model, tokenizer, tmp_path):
+    recorder = CheckpointRecorder()
+    passing_share = {0: 2, 1: 6, 2: 3}  # of 8 val examples, per checkpoint: round 1's epoch is the best
+
+    def metric(example, prediction, trace=None):
+        if trace is not None:  # a rollout: shorter reasoning is better, so that groups have reward variance
+            return -len(prediction.reasoning) / 1000
+        return example.index < passing_share.get(recorder.current(), 0)
+
+    trainer = make_trainer(format_model, tokenizer, config(tmp_path, strategy="grpo", grpo_rounds=2,
+                                                           grpo_num_generations=3, num_train_epochs=1),
+                           metric=metric, callbacks=[recorder])
+    trainer.trainset = trainer.trainset[:4]
+    trainer.valset = indexed(trainer.valset)
+    trainer.train()
+
+    grpo = json.loads((tmp_path / "results.json").read_text())["steps"][1]
+    stats = json.loads((tmp_path / "step_1_grpo" / "grpo_stats.json").read_text())
+    assert [r["round"] for r in stats] == [0, 1] and all(r["losses"] for r in stats)
+    assert [score for _, _, score in grpo["val_curve"]] == [25.0, 75.0, 37.5]
+    assert [epoch for _, epoch, _ in grpo["val_curve"]] == [0, 1, 2]  # counted over the rounds
+    steps_per_round = grpo["val_curve"][1][0]
+    assert 0 < steps_per_round < grpo["val_curve"][2][0]  # round 2 counted on from round 1
+    assert grpo["kept_checkpoint"] == "epoch 1" and grpo["val_score"] == 75.0
+    assert recorder.current() == 1  # round 1's weights, put back after round 2 trained on
+    assert not (tmp_path / "step_1_grpo" / "best_checkpoint").exists()

@@ -45,7 +45,8 @@ def validation_examples(valset: list[dspy.Example], size: int | None, seed: int)
 class ValidationGuard(TrainerCallback):
     """Scores the program at each checkpoint of one weight step's training (`eval_strategy`: every epoch, or every
     `eval_steps` optimizer steps and at the end) with `score()`, and saves (`save(folder)`) the weights of the best
-    checkpoint so far to `checkpoint_dir`. Among equal scores the latest is kept: a tie on the valset is no sign that
+    checkpoint so far to `checkpoint_dir`. A step of several training runs (a grpo step's rounds) calls `next_run`
+    between them: its steps and epochs count on from the last run's. Among equal scores the latest is kept: a tie on the valset is no sign that
     training hurt, and the trained weights are what the step is for. With `keep_start`, the starting weights
     (`start_score`) are kept only when every checkpoint scores below them."""
 
@@ -60,6 +61,13 @@ class ValidationGuard(TrainerCallback):
         self.best: Checkpoint | None = self.curve[0] if keep_start else None
         self.best_saved = False  # whether checkpoint_dir holds the best checkpoint's weights
         self.seconds = 0.0  # spent scoring and saving checkpoints
+        self.step_offset, self.epoch_offset = 0, 0.0  # the optimizer steps and epochs of the earlier training runs
+        self.final_run = True  # whether no training run follows this one (its last weights stay in the model)
+
+    def next_run(self, state) -> None:
+        """Another training run of the same step follows the one that ended in `state`."""
+        self.step_offset += state.global_step
+        self.epoch_offset += state.epoch or 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.eval_strategy == "steps" and state.global_step % self.eval_steps == 0:
@@ -70,16 +78,17 @@ class ValidationGuard(TrainerCallback):
             self._validate(state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.curve[-1].step != state.global_step:  # the last steps after the last checkpoint
+        if self.curve[-1].step != self.step_offset + state.global_step:  # the steps after the last checkpoint
             self._validate(state)
 
     def _validate(self, state) -> None:
         started = time.perf_counter()
-        checkpoint = Checkpoint(state.global_step, round(state.epoch or 0.0, 2), self.score())
+        checkpoint = Checkpoint(self.step_offset + state.global_step,
+                                round(self.epoch_offset + (state.epoch or 0.0), 2), self.score())
         self.curve.append(checkpoint)
         if self.best is None or checkpoint.score >= self.best.score:
             self.best = checkpoint
-            self.best_saved = state.global_step < state.max_steps  # the last weights stay in the model as they are
+            self.best_saved = not (self.final_run and state.global_step >= state.max_steps)  # else left in the model
             if self.best_saved:
                 self.save(str(self.checkpoint_dir))
         self.seconds += time.perf_counter() - started
