@@ -189,7 +189,7 @@ class BetterTogetherConfig(SFTConfig):
     )
     weight_step_eval: str = field(
         default="epoch",
-        metadata={"help": "When a weight step scores the program on the valset while it trains: 'epoch', 'steps', 'no'.",
+        metadata={"help": "When a weight step scores the program on the valset while training: 'epoch', 'steps', 'no'.",
                   "choices": list(WEIGHT_STEP_EVALS)},
     )
     weight_step_eval_steps: int = field(

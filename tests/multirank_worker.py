@@ -1,7 +1,8 @@
 """One rank of the multi-process test (`tests/test_multirank.py` launches it with `accelerate launch`).
 
-Runs a tiny `p -> w -> p` with the real trainer and writes what this rank ended up with to `<report_dir>/rank<i>.json`:
-a hash of the program after every step, a hash of every w step's SFT dataset, and the program calls it made.
+Runs a tiny `p -> w -> p` (or `--strategy`) with the real trainer and writes what this rank ended up with to
+`<report_dir>/rank<i>.json`: a hash of the program after every step, a hash of every w step's SFT dataset, the program
+calls it made and a hash of its trained weights.
 `--die_after_step K --die_rank R` makes rank R exit abruptly once step K is checkpointed (a crashed rank).
 `--callback` runs `BetterTogetherCallback` on a plain `SFTTrainer` instead and reports its rounds, rows and program.
 """
@@ -22,6 +23,7 @@ from trl import SFTTrainer
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer
 from bt_trl.callbacks import BetterTogetherCallback
 from bt_trl.core.ranks import end_job
+from bt_trl.serving.engine import weights_fingerprint
 from bt_trl.serving.models import embedded_model_path
 from bt_trl.tasks import iris
 
@@ -72,6 +74,8 @@ def main() -> None:
                              "own demos (the tiny model scores the same with and without demos, so random search "
                              "keeps the zero-shot program)")
     parser.add_argument("--callback", action="store_true", help="BetterTogetherCallback on a plain SFTTrainer")
+    parser.add_argument("--strategy", default="p -> w -> p")
+    parser.add_argument("--grpo_num_generations", type=int, default=2)
     cli = parser.parse_args()
 
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
@@ -79,15 +83,17 @@ def main() -> None:
     if cli.callback:
         return run_callback(cli, tokenizer)
     args = BetterTogetherConfig(
-        cli.output_dir, strategy="p -> w -> p", use_cpu=not cli.deepspeed_on_cpu, report_to="none",
+        cli.output_dir, strategy=cli.strategy, use_cpu=not cli.deepspeed_on_cpu, report_to="none",
         num_candidate_programs=1,
         max_bootstrapped_demos=2, max_labeled_demos=2, generation_max_tokens=48, num_threads=8, num_train_epochs=2,
         per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_strategy="no",
         gradient_checkpointing=False, max_length=1024, seed=0, weight_step_keep_start=False,
+        grpo_num_generations=cli.grpo_num_generations,
     )
     train, val, _ = iris.load_splits(0, (10, 8, 0))
     trainer = RecordingTrainer(
-        model=AutoModelForCausalLM.from_pretrained(cli.model), args=args, program=iris.program(), metric=iris.metric,
+        model=AutoModelForCausalLM.from_pretrained(cli.model), args=args, program=iris.program(),
+        metric=graded if "grpo" in cli.strategy else iris.metric,
         trainset=train, valset=val, processing_class=tokenizer,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
         die_after_step=cli.die_after_step, die_rank=cli.die_rank,
@@ -101,9 +107,18 @@ def main() -> None:
         "dataset_hashes": trainer.dataset_hashes,
         "final_program": program_digest(trainer.program),
         "program_calls": trainer.runner.local_calls,
+        "weights": weights_fingerprint(trainer.accelerator.unwrap_model(trainer.model), only_trainable=True),
     }
     Path(cli.report_dir, f"rank{trainer.ranks.index}.json").write_text(json.dumps(report))
     trainer.end()
+
+
+def graded(example, prediction, trace=None):
+    """Iris's metric, and for a grpo step's rollouts (traced) a reward that also prefers shorter reasoning, so that
+    the tiny model's groups have reward variance."""
+    if trace is None:
+        return iris.metric(example, prediction)
+    return iris.metric(example, prediction) - len(prediction.reasoning) / 1000
 
 
 def run_callback(cli, tokenizer) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dspy
 import pytest
+from dspy.teleprompt.grpo import GRPO
 from safetensors.torch import load_file
 
 import bt_trl
@@ -130,6 +131,57 @@ def test_full_finetuning(model_dir, tmp_path):
     assert lm.engine.versions[finetuned.model].kind == "full"
     assert (Path(lm.engine.versions[finetuned.model].folder) / "model.safetensors").is_file()
     assert finetuned("What is a flower?") != lm("What is a flower?")
+
+
+def test_dspy_grpo_trains_through_the_reinforce_job(model_dir, tmp_path, structured):
+    lm = bt_trl.lm(model_dir, max_tokens=48, temperature=1.0, output_dir=str(tmp_path / "versions"),
+                   train_kwargs={"lora_r": 8, "lora_alpha": 16, "per_device_train_batch_size": 4})
+    program = iris.program()
+    program.set_lm(lm)
+    train = iris.load_splits(0, (4, 0, 0))[0]
+
+    def graded(example, prediction, trace=None):  # right answers first; among them, shorter reasoning better
+        return iris.metric(example, prediction) - len(prediction.reasoning) / 1000
+
+    base = lm.model
+    jobs = []
+    reinforce = lm.reinforce
+    lm.reinforce = lambda train_kwargs: jobs.append(reinforce(train_kwargs)) or jobs[-1]  # to look at the job after
+    optimizer = GRPO(metric=graded, num_train_steps=2, num_dspy_examples_per_grpo_step=2,
+                          num_rollouts_per_grpo_step=4, exclude_demos=True, num_threads=4,
+                          train_kwargs={"groups_per_step": 2, "learning_rate": 1e-3, "num_train_epochs": 1})
+    compiled = optimizer.compile(program, trainset=train)
+
+    (job,) = jobs
+    assert job.steps == 2 and job.get_status()["status"] == "done"
+    assert compiled.predictors()[0].lm is lm and lm.model != base  # DSPy's GRPO updates the LM in place
+    version = lm.engine.versions[lm.model]
+    assert version.kind == "adapter"
+    adapter = load_file(str(Path(version.folder) / "adapter_model.safetensors"))
+    assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in adapter.items())
+    trained_versions = [name for name in lm.engine.versions if name != base]
+    assert 1 <= len(trained_versions) <= 2 and len(lm.engine._adapter_names) == 1  # the replaced one is unloaded
+    assert lm.engine.stats.failed_requests == 0
+
+
+def test_bad_reinforce_input_fails_before_training(model_dir, tmp_path):
+    greedy = bt_trl.lm(model_dir, output_dir=str(tmp_path / "versions"))
+    with pytest.raises(ValueError, match="temperature above 0"):
+        greedy.reinforce({})
+    lm = bt_trl.lm(model_dir, temperature=1.0, output_dir=str(tmp_path / "versions"))
+    for kwargs, error in (({"groups_per_step": 0}, "groups_per_step"), ({"lora_rank": 4}, "unknown train_kwargs")):
+        with pytest.raises(ValueError, match=error):
+            lm.reinforce(kwargs)
+    job = lm.reinforce({})
+    group = [{"messages": [{"role": "user", "content": "Hi"}], "completion": {"role": "assistant", "content": c},
+              "reward": r} for c, r in (("Hello", 1.0), ("Bye", 0.0))]
+    for data, data_format, error in (
+        ([{"batch_id": 0, "group": group}], "chat", "GRPO chat groups"),
+        ([{"batch_id": 0, "group": [{"messages": [], "reward": 1.0}]}], "grpo_chat", "is not a GRPO group"),
+    ):
+        with pytest.raises(ValueError, match=error):
+            job.step(data, data_format)
+    assert list(lm.engine.versions) == [lm.model]
 
 
 def readme_snippet() -> str:

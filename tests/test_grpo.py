@@ -9,10 +9,10 @@ import dspy
 import pytest
 import torch
 from conftest import TwoStepIris, tiny_model
-from test_trainer import config, make_trainer
-from test_weight_step_validation import CheckpointRecorder, indexed
 from peft import LoraConfig
 from safetensors.torch import load_file
+from test_trainer import config, make_trainer
+from test_weight_step_validation import CheckpointRecorder, indexed
 from trl import GRPOConfig, GRPOTrainer
 
 from bt_trl import BetterTogetherConfig, BetterTogetherTrainer

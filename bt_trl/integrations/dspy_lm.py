@@ -1,5 +1,5 @@
-"""bt_trl from DSPy: a `dspy.LM` served in process from a local model, with a fine-tuning provider that DSPy's own
-weight optimizers (`dspy.BootstrapFinetune`, `dspy.BetterTogether`) use unchanged.
+"""bt_trl from DSPy: a `dspy.LM` served in process from a local model, with a fine-tuning and reinforcement-learning
+provider that DSPy's own weight optimizers (`dspy.BootstrapFinetune`, `dspy.BetterTogether`, `GRPO`) use unchanged.
 
     lm = bt_trl.lm("embedded:smollm2-135m")       # or a Hub id, or a local folder
     program.set_lm(lm)
@@ -13,7 +13,8 @@ Three pieces:
   generated with the version its LM names. Requests of different versions go to separate batches.
 * `ModelProvider`, DSPy's `Provider` interface: `finetune` trains a new version with TRL's `SFTTrainer` in this process
   on DSPy's chat-format data and returns its name, which the same engine serves at once (`LM.finetune` hands DSPy
-  `lm.copy(model=<that name>)`); `kill` frees the model, `launch` loads it again (a call to a killed LM does too).
+  `lm.copy(model=<that name>)`); `reinforce` returns a `ModelReinforceJob`, whose steps train new versions with TRL's
+  GRPO loss on DSPy's groups; `kill` frees the model, `launch` loads it again (a call to a killed LM does too).
 * `load_dspy_program`, the safe way back from `program.save(path)`: DSPy stores this LM's state in the program file, and
   loading it goes through JSON checks and safetensors only (no pickle, no class named by the file is imported).
 
@@ -29,13 +30,14 @@ import itertools
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import dspy
 import torch
-from dspy.clients.provider import Provider, TrainingJob
+from dspy.clients.provider import Provider, ReinforceJob, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, get_finetune_directory
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
@@ -53,12 +55,16 @@ from bt_trl.serving.engine import (
     weights_fingerprint,
 )
 from bt_trl.serving.models import EMBEDDED_MODEL, check_model_name_or_path, resolve_model_name_or_path
+from bt_trl.steps.grpo import group_advantages, reinforce_on
 from bt_trl.steps.sft import FORMAT_ROW, chat_row, finetune_on, rows_to_dataset
 
 logger = logging.getLogger(__name__)
 
 # train_kwargs that choose LoRA or full fine-tuning: TRL's ModelConfig fields, as in `scripts/train.py`.
 LORA_KWARGS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+# train_kwargs of a reinforce job besides those: the group size `dspy.GRPO` sets, and the groups one step trains on.
+REINFORCE_KWARGS = ("num_generations", "groups_per_step")
+DEFAULT_GROUPS_PER_STEP = 4
 # The project's defaults for DSPy's fine-tuning jobs, on top of BetterTogetherConfig's (the w step's) SFT defaults:
 # LoRA as in the README's Python API, no checkpoints (the engine saves each version), no logging integrations.
 DEFAULT_TRAIN_KWARGS = {
@@ -254,6 +260,22 @@ class ModelEngine(BatchingEngine):
         """Trains a new version from version `source` on prompt/completion `rows` (see `steps.sft.chat_row`) and
         returns its LM name. LoRA (`use_peft`, the default): a new adapter, starting from `source`'s adapter when it
         has one (whose LoRA configuration it keeps), else fresh. Full: a copy of `source`'s whole model."""
+        dataset = rows_to_dataset(rows)
+        return self._train_version(source, train_kwargs, lambda trainer, folder: finetune_on(trainer, dataset, folder))
+
+    def reinforce(self, source: str, rows: list[dict], advantages: list[float], temperature: float,
+                  train_kwargs: dict[str, Any]) -> str:
+        """Trains a new version from version `source` on sampled prompt/completion `rows` with their GRPO
+        `advantages` (TRL's GRPO loss at the sampling `temperature`: `steps.grpo.reinforce_on`), as `finetune`
+        trains on rows, and returns its LM name."""
+        dataset = rows_to_dataset(rows).add_column("advantage", advantages)
+        return self._train_version(
+            source, train_kwargs, lambda trainer, folder: reinforce_on(trainer, dataset, folder, temperature)
+        )
+
+    def _train_version(self, source: str, train_kwargs: dict[str, Any],
+                       train: Callable[[SFTTrainer, str], object]) -> str:
+        """A new version trained from version `source` by `train(trainer, output_dir)`, saved and served; its name."""
         options = {**DEFAULT_TRAIN_KWARGS, **train_kwargs}
         check_train_kwargs(options)
         lora = ModelConfig(**{k: options.pop(k) for k in LORA_KWARGS if k in options})
@@ -277,7 +299,7 @@ class ModelEngine(BatchingEngine):
             try:
                 trainer = SFTTrainer(model=model, args=args, train_dataset=rows_to_dataset([FORMAT_ROW]),
                                      processing_class=self._tokenizer)
-                finetune_on(trainer, rows_to_dataset(rows), args.output_dir)
+                train(trainer, args.output_dir)
             except BaseException:
                 if adapter is not None:
                     model.delete_adapter(adapter)
@@ -303,8 +325,18 @@ class ModelEngine(BatchingEngine):
                 self._tokenizer.save_pretrained(str(folder))
                 self._full_models[name] = model
                 self.versions[name] = Version(FULL, str(folder))
-        logger.info("Fine-tuned %s into %s (saved in %s)", source, name, folder)
+        logger.info("Trained %s into %s (saved in %s)", source, name, folder)
         return name
+
+    def unload(self, name: str) -> None:
+        """Frees the memory of version `name` (an adapter or a full model); it is loaded again from its folder when
+        next requested."""
+        with self._model_lock:
+            adapter = self._adapter_names.pop(name, None)
+            if adapter is not None:
+                self._model.delete_adapter(adapter)
+            self._full_models.pop(name, None)
+            self._backends.pop(name, None)
 
     def _full_copy(self, version: Version):
         """A separate, trainable copy of a version's whole model (an adapter merged into the base weights)."""
@@ -376,13 +408,95 @@ def _check_adapter_folder(folder: str) -> None:
         raise FileNotFoundError(f"{folder} has no {ADAPTER_WEIGHTS_FILE}: the adapter's weights are missing")
 
 
+class ModelReinforceJob(ReinforceJob):
+    """DSPy's reinforcement-learning job (`LM.reinforce`, what `dspy.GRPO` drives) on a `ModelEngine`, in process and
+    synchronous: each `step` trains a new weights version from the LM's current one on the groups it is given, with
+    TRL's GRPO loss (advantages as `GRPOTrainer` computes them from each group's rewards; groups without reward
+    variance are skipped and counted), and points the LM at it, as DSPy expects (`lm.model` changes in place).
+
+    `train_kwargs`: the fine-tuning options of `bt_trl.lm` (SFTConfig fields, LoRA fields) and `groups_per_step`, how
+    many groups a step asks for (its `pending_batch_ids`; default 4). Each step is one training run of
+    `num_train_epochs` passes over its rows, with a new optimizer. The rollouts are sampled at the LM's temperature,
+    which the loss uses too. The version a step replaces is freed from memory (it stays on disk and loads on request).
+    """
+
+    def initialize(self) -> None:
+        engine: ModelEngine = self.lm.provider.engine
+        options = {**(self.lm.train_kwargs or {}), **self.train_kwargs}
+        self.groups_per_step = options.pop("groups_per_step", DEFAULT_GROUPS_PER_STEP)
+        options.pop("num_generations", None)  # the groups' own size
+        if not isinstance(self.groups_per_step, int) or self.groups_per_step < 1:
+            raise ValueError(f"groups_per_step must be an integer >= 1, got {self.groups_per_step!r}")
+        check_train_kwargs(options)
+        self.temperature = self.lm.kwargs.get("temperature") or 0.0
+        if self.temperature <= 0:
+            raise ValueError(f"GRPO samples its rollouts: give the LM a temperature above 0 (got {self.temperature}), "
+                             "e.g. bt_trl.lm(..., temperature=1.0)")
+        self.engine, self.options = engine, options
+        self.status, self.steps = "running", 0
+        self.skipped_groups = 0  # groups without reward variance, over all steps
+        self.pending_batch_ids = list(range(self.groups_per_step))
+
+    def get_status(self) -> dict[str, Any]:
+        """DSPy's `GRPOStatus`: the batches (one group each) the next step waits for."""
+        return {"job_id": f"bt_trl-{id(self):x}", "status": self.status, "current_model": self.lm.model,
+                "checkpoints": dict(self.checkpoints), "last_checkpoint": self.last_checkpoint,
+                "pending_batch_ids": list(self.pending_batch_ids)}
+
+    def step(self, train_data: list[dict[str, Any]], train_data_format: TrainDataFormat | str | None = None) -> None:
+        """Trains on `train_data` (`[{"batch_id": ..., "group": [{"messages", "completion", "reward"}, ...]}]`, DSPy's
+        GRPO chat format); bad data fails before training."""
+        if train_data_format != TrainDataFormat.GRPO_CHAT:
+            raise ValueError(f"a bt_trl reinforce job trains on GRPO chat groups (TrainDataFormat.GRPO_CHAT), got "
+                             f"{train_data_format!r}")
+        rows, advantages = [], []
+        for index, item in enumerate(train_data):
+            group = item.get("group") if isinstance(item, dict) else None
+            if not group or not all(_is_grpo_chat(member) for member in group):
+                raise ValueError(f"train_data[{index}] is not a GRPO group ({{'batch_id', 'group': [{{'messages', "
+                                 f"'completion', 'reward'}}, ...]}}): {item!r}")
+            group_advantage = group_advantages([float(member["reward"]) for member in group])
+            if group_advantage is None:
+                self.skipped_groups += 1
+                continue
+            rows += [chat_row([*member["messages"], member["completion"]]) for member in group]
+            advantages += group_advantage
+        source = self.lm.model
+        if rows:
+            self.lm.model = self.engine.reinforce(source, rows, advantages, self.temperature, self.options)
+            if self.steps > 0:  # a version this job made and moved past
+                self.engine.unload(source)
+        else:
+            logger.warning("GRPO step %d: no group with reward variance (%d given); the weights are unchanged",
+                           self.steps + 1, len(train_data))
+        self.steps += 1
+        self.pending_batch_ids = list(range(self.steps * self.groups_per_step, (self.steps + 1) * self.groups_per_step))
+
+    def save_checkpoint(self, checkpoint_name: str) -> None:
+        """Records the current version (already saved in its folder) under `checkpoint_name`."""
+        self.checkpoints[checkpoint_name] = self.lm.model
+        self.last_checkpoint = checkpoint_name
+
+    def terminate(self) -> None:
+        self.status, self.pending_batch_ids = "done", []
+
+
+def _is_grpo_chat(member) -> bool:
+    return (isinstance(member, dict) and {"messages", "completion", "reward"} <= set(member)
+            and isinstance(member["messages"], list) and isinstance(member["completion"], dict)
+            and isinstance(member["reward"], (int, float)))
+
+
 class ModelProvider(Provider):
-    """DSPy's provider interface for a `ModelEngine`: fine-tuning in process, `launch`/`kill` load and free the model.
-    `LM.finetune` runs `finetune` in a thread and returns `lm.copy(model=<the new name>)`, served by the same engine."""
+    """DSPy's provider interface for a `ModelEngine`: fine-tuning and reinforcement learning in process, `launch` and
+    `kill` load and free the model. `LM.finetune` runs `finetune` in a thread and returns `lm.copy(model=<the new
+    name>)`, served by the same engine; `LM.reinforce` returns a `ModelReinforceJob`."""
 
     def __init__(self, engine: ModelEngine):
         super().__init__()
         self.finetunable = True
+        self.reinforceable = True
+        self.ReinforceJob = ModelReinforceJob  # the class `LM.reinforce` instantiates
         self.engine = engine
 
     def __deepcopy__(self, memo):  # DSPy deep-copies programs; the engine (and its model) is shared

@@ -46,9 +46,9 @@ class ValidationGuard(TrainerCallback):
     """Scores the program at each checkpoint of one weight step's training (`eval_strategy`: every epoch, or every
     `eval_steps` optimizer steps and at the end) with `score()`, and saves (`save(folder)`) the weights of the best
     checkpoint so far to `checkpoint_dir`. A step of several training runs (a grpo step's rounds) calls `next_run`
-    between them: its steps and epochs count on from the last run's. Among equal scores the latest is kept: a tie on the valset is no sign that
-    training hurt, and the trained weights are what the step is for. With `keep_start`, the starting weights
-    (`start_score`) are kept only when every checkpoint scores below them."""
+    between them: its steps and epochs count on from the last run's. Among equal scores the latest is kept: a tie on
+    the valset is no sign that training hurt, and the trained weights are what the step is for. With `keep_start`, the
+    starting weights (`start_score`) are kept only when every checkpoint scores below them."""
 
     def __init__(self, score: Callable[[], float], save: Callable[[str], None], checkpoint_dir: str | Path,
                  start_score: float, eval_strategy: str = "epoch", eval_steps: int = 10, keep_start: bool = True):
