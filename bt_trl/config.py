@@ -13,6 +13,7 @@ from bt_trl.steps.validation import WEIGHT_STEP_EVALS
 
 W_STEP_INITS = ("continue", "base")
 GENERATION_BACKENDS = ("transformers", "vllm")
+MAX_TEMPERATURE = 2.0  # DSPy refuses a call sampled above it (every call of the step would fail)
 
 
 @dataclass
@@ -89,15 +90,20 @@ class BetterTogetherConfig(SFTConfig):
             checkpoint is kept.
 
         > Parameters that control the grpo step (GRPO with mmGRPO's per-module groups; it trains with the SFTConfig
-        fields as the w step does, `num_train_epochs` being the passes over each round's rollouts)
+        fields as the w step does, with `grpo_num_iterations` passes over each round's rollouts in place of
+        `num_train_epochs`)
 
         grpo_num_generations (`int`, *optional*, defaults to `8`):
             Rollouts (sampled program runs) per trainset example; the calls of one module at one invocation index in
             an example's rollouts form a group.
         grpo_temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature of the rollouts (and of the log-probabilities in the loss, as in TRL's GRPO).
+            Sampling temperature of the rollouts (and of the log-probabilities in the loss, as in TRL's GRPO), in
+            (0, 2] (DSPy's limit).
         grpo_format_failure_score (`float`, *optional*, defaults to `-1.0`):
             Reward of a rollout whose output did not parse; keep it below every value the metric returns.
+        grpo_num_iterations (`int`, *optional*, defaults to `1`):
+            Passes over each round's rollouts (TRL's `num_iterations`): the first is on the sampling policy, later
+            ones clip the ratio to it.
         grpo_rounds (`int`, *optional*, defaults to `1`):
             Rounds per grpo step: each samples rollouts on the whole trainset with the current weights and trains on
             its groups.
@@ -114,7 +120,7 @@ class BetterTogetherConfig(SFTConfig):
         generation_max_tokens (`int`, *optional*, defaults to `256`):
             Maximum new tokens per LM call. Generation also stops at the adapter's completion marker.
         generation_temperature (`float`, *optional*, defaults to `0.0`):
-            Sampling temperature of the program's LM; `0.0` is greedy decoding.
+            Sampling temperature of the program's LM, in [0, 2]; `0.0` is greedy decoding.
         structured_generation (`bool`, *optional*, defaults to `True`):
             Generate every program call inside its adapter's output format (grammar-constrained decoding with
             llguidance): ChatAdapter's `[[ ## field ## ]]` sections in order, `Literal`/enum outputs restricted to
@@ -210,6 +216,9 @@ class BetterTogetherConfig(SFTConfig):
         default=-1.0,
         metadata={"help": "grpo step: reward of a rollout whose output did not parse (below the metric's values)."},
     )
+    grpo_num_iterations: int = field(
+        default=1, metadata={"help": "grpo step: passes over each round's rollouts (TRL's num_iterations)."}
+    )
     grpo_rounds: int = field(
         default=1, metadata={"help": "grpo step: rounds of rollouts on the trainset, each followed by training."}
     )
@@ -288,17 +297,18 @@ class BetterTogetherConfig(SFTConfig):
             raise ValueError(f"weight_step_eval_size must be >= 1 (or None for the whole valset), got "
                              f"{self.weight_step_eval_size}")
         for name in ("num_threads", "generation_batch_size", "generation_max_tokens", "max_rounds", "trace_rounds",
-                     "weight_step_eval_steps", "grpo_rounds"):
+                     "weight_step_eval_steps", "grpo_rounds", "grpo_num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grpo_num_generations < 2:
             raise ValueError(f"grpo_num_generations must be >= 2 (a group compares rollouts), got "
                              f"{self.grpo_num_generations}")
-        if self.grpo_temperature <= 0:
-            raise ValueError(f"grpo_temperature must be > 0 (greedy rollouts are all alike), got "
-                             f"{self.grpo_temperature}")
-        if self.generation_temperature < 0:
-            raise ValueError(f"generation_temperature must be >= 0, got {self.generation_temperature}")
+        if not 0 < self.grpo_temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"grpo_temperature must be > 0 (greedy rollouts are all alike) and <= {MAX_TEMPERATURE} "
+                             f"(DSPy's limit), got {self.grpo_temperature}")
+        if not 0 <= self.generation_temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"generation_temperature must be in [0, {MAX_TEMPERATURE}] (DSPy's limits), got "
+                             f"{self.generation_temperature}")
         if self.generation_backend not in GENERATION_BACKENDS:
             raise ValueError(
                 f"generation_backend must be one of {GENERATION_BACKENDS}, got {self.generation_backend!r}"

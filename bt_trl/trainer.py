@@ -358,7 +358,8 @@ class BetterTogetherTrainer(SFTTrainer):
                         if trained:
                             guard.next_run(self.state)
                         guard.final_run = round_index == args.grpo_rounds - 1
-                    round_losses = reinforce_on(self, grouped.training_rows(), str(step_dir), args.grpo_temperature)
+                    round_losses = reinforce_on(self, grouped.training_rows(), str(step_dir), args.grpo_temperature,
+                                                args.grpo_num_iterations)
                     trained = True
                 else:
                     warnings.warn(
@@ -449,14 +450,16 @@ class BetterTogetherTrainer(SFTTrainer):
 
     def _expected_program_calls(self, kind: str) -> int | None:
         """At most how many program calls a step of `kind` makes, its valset scoring included (None: unknown)."""
-        if kind == GRPO_STEP:
-            return len(self.trainset) * self.args.grpo_num_generations * self.args.grpo_rounds + len(self.valset)
         if is_weight_step(kind):
-            if self.args.weight_step_eval == "steps":
+            args = self.args
+            if args.weight_step_eval == "steps":
                 return None  # the number of checkpoints depends on the traces
-            checkpoints = math.ceil(self.args.num_train_epochs) if self.args.weight_step_eval == "epoch" else 0
-            examples = len(validation_examples(self.valset, self.args.weight_step_eval_size, self.args.seed))
-            return len(self.trainset) * self.args.trace_rounds + len(self.valset) + checkpoints * examples
+            epochs = args.grpo_num_iterations * args.grpo_rounds if kind == GRPO_STEP else math.ceil(
+                args.num_train_epochs)
+            checkpoints = epochs if args.weight_step_eval == "epoch" else 0
+            examples = len(validation_examples(self.valset, args.weight_step_eval_size, args.seed))
+            runs = args.grpo_num_generations * args.grpo_rounds if kind == GRPO_STEP else args.trace_rounds
+            return len(self.trainset) * runs + len(self.valset) + checkpoints * examples
         if is_prompt_step(kind):
             optimizer_calls = expected_program_calls(self.prompt_optimizers[kind], len(self.trainset),
                                                      len(self.valset))

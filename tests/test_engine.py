@@ -14,6 +14,8 @@ from bt_trl.serving.engine import (
     GenerationSettings,
     SamplingParams,
     TransformersBackend,
+    _common_prefix_length,
+    encode_chats,
     lm_name,
     serving_lm,
     weights_fingerprint,
@@ -44,6 +46,36 @@ def test_batched_greedy_equals_unbatched(format_model, tokenizer):
     # Generation stops at the completion marker, which (OpenAI-style) is not part of the text.
     assert all(g.finish_reason == "stop" and "completed" not in g.text for g in one_by_one)
     assert all(g.completion_tokens < 40 and g.prompt_tokens > 100 for g in one_by_one)
+
+
+def test_repeated_prompts_are_encoded_once_and_sampled_apart(format_model, tokenizer):
+    """A GRPO group's rows (one prompt, several samples) share the prompt's encoding: each distinct prompt is encoded
+    once after the batch's shared prefix; greedy rows still give exactly what they give alone, sampled rows differ."""
+    prompts = iris_prompts(2)
+    greedy = SamplingParams(max_tokens=40)
+    backend = TransformersBackend(format_model, tokenizer)
+    alone = [backend.generate([p], [greedy])[0].text for p in prompts]
+    rows = [prompts[0]] * 3 + [prompts[1]] * 3
+    encoded = []  # the tokens of each forward pass
+
+    def record(module, args, kwargs):
+        encoded.append(kwargs["input_ids"].numel())
+
+    hook = format_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        together = backend.generate(rows, [greedy] * 6)
+        decode_steps = len(encoded) - 3
+        torch.manual_seed(0)
+        sampled = backend.generate(rows, [SamplingParams(max_tokens=30, temperature=5.0)] * 6)
+    finally:
+        hook.remove()
+    assert [g.text for g in together] == [alone[0]] * 3 + [alone[1]] * 3
+    tokens = [len(row) for row in encode_chats(tokenizer, prompts)]
+    shared = _common_prefix_length(encode_chats(tokenizer, prompts))
+    width = shared + max(tokens) - shared
+    # The shared prefix once, each distinct prompt's rest (but its last token) once, then the rows token by token.
+    assert encoded[:3] == [shared, 2 * (width - 1 - shared), 6] and set(encoded[3 : 3 + decode_steps]) == {6}
+    assert len({g.text for g in sampled[:3]}) > 1 and len({g.text for g in sampled[3:]}) > 1
 
 
 class RecordingBackend:

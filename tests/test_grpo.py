@@ -204,8 +204,10 @@ def test_grpo_step_validated_over_its_rounds_ends_on_the_best_checkpoint(format_
             return -len(prediction.reasoning) / 1000
         return example.index < passing_share.get(recorder.current(), 0)
 
+    # At temperature 2 the tiny model's samples differ, so that both rounds have groups with reward variance.
     trainer = make_trainer(format_model, tokenizer, config(tmp_path, strategy="grpo", grpo_rounds=2,
-                                                           grpo_num_generations=3, num_train_epochs=1),
+                                                           grpo_num_generations=4, grpo_temperature=2.0,
+                                                           num_train_epochs=1),
                            metric=metric, callbacks=[recorder])
     trainer.trainset = trainer.trainset[:4]
     trainer.valset = indexed(trainer.valset)

@@ -37,6 +37,11 @@ def test_config_rejects_bad_values(tmp_path):
         BetterTogetherConfig(str(tmp_path), trace_rounds=0)
     with pytest.raises(ValueError, match="max_rounds must be >= 1"):
         BetterTogetherConfig(str(tmp_path), max_rounds=0)
+    # DSPy refuses calls sampled above temperature 2: every call of the step would fail at run time.
+    for field, value in (("grpo_temperature", 0.0), ("grpo_temperature", 5.0), ("generation_temperature", 2.5),
+                         ("generation_temperature", -1.0)):
+        with pytest.raises(ValueError, match=f"{field} must be"):
+            BetterTogetherConfig(str(tmp_path), **{field: value})
 
 
 def test_config_defaults_follow_the_paper(tmp_path):

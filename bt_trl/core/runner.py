@@ -12,7 +12,7 @@ import functools
 import logging
 import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -266,28 +266,34 @@ class ProgramRunner:
         self.ranks = ranks
         self.local_calls = 0  # program calls made by this process
 
-    def run(self, program: dspy.Module, examples: list[dspy.Example], lm: dspy.LM,
+    def run(self, program: dspy.Module, examples: list[dspy.Example], lm: dspy.LM | Sequence[dspy.LM],
             with_trace: bool = False) -> list[ProgramCall]:
-        """Calls `program` on every example with `lm`. With `with_trace`, records the module calls of each run and
-        scores it with `metric(example, prediction, trace)` — the DSPy convention for "does this trace pass"; a run
-        whose output did not parse keeps its trace up to the failing call (`ProgramCall.unparsed_output`).
-        Returns one `ProgramCall` per example, in order, on every rank."""
+        """Calls `program` on every example with `lm` (or with `lm[i]` on `examples[i]`). With `with_trace`, records
+        the module calls of each run and scores it with `metric(example, prediction, trace)` — the DSPy convention for
+        "does this trace pass"; a run whose output did not parse keeps its trace up to the failing call
+        (`ProgramCall.unparsed_output`). Returns one `ProgramCall` per example, in order, on every rank."""
+        lms = [lm] * len(examples) if isinstance(lm, dspy.LM) else list(lm)
+        if len(lms) != len(examples):
+            raise ValueError(f"one LM per example is needed: {len(lms)} LMs for {len(examples)} examples")
+        items = list(zip(examples, lms))
         if self.ranks is None or self.ranks.world_size == 1:
-            return self._run_here(program, examples, lm, with_trace)
+            return self._run_here(program, items, with_trace)
         shared = self.ranks.map_split(
-            lambda share: [c.portable(program) for c in self._run_here(program, share, lm, with_trace)], examples
+            lambda share: [c.portable(program) for c in self._run_here(program, share, with_trace)], items
         )
         return [call.restored(program) for call in shared]
 
-    def _run_here(self, program: dspy.Module, examples, lm: dspy.LM, with_trace: bool) -> list[ProgramCall]:
-        self.local_calls += len(examples)
-        if not examples:
+    def _run_here(self, program: dspy.Module, items: list[tuple[dspy.Example, dspy.LM]],
+                  with_trace: bool) -> list[ProgramCall]:
+        self.local_calls += len(items)
+        if not items:
             return []
 
         adapter = program_adapter()  # read here: DSPy settings are per thread
         callbacks = dspy.settings.callbacks  # (the console's call counter among them: bt_trl/console.py)
 
-        def call(example: dspy.Example) -> ProgramCall:
+        def call(item: tuple[dspy.Example, dspy.LM]) -> ProgramCall:
+            example, lm = item
             result = ProgramCall(example)
             trace: list = []
             failed = _FailedPredictorCall()
@@ -320,7 +326,7 @@ class ProgramRunner:
                 result.error = "metric"
             return result
 
-        return map_in_threads(call, examples, self.num_threads)
+        return map_in_threads(call, items, self.num_threads)
 
     def evaluate(self, program: dspy.Module, examples: list[dspy.Example], lm: dspy.LM) -> RunSummary:
         calls = self.run(program, examples, lm)

@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 # train_kwargs that choose LoRA or full fine-tuning: TRL's ModelConfig fields, as in `scripts/train.py`.
 LORA_KWARGS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 # train_kwargs of a reinforce job besides those: the group size `dspy.GRPO` sets, and the groups one step trains on.
-REINFORCE_KWARGS = ("num_generations", "groups_per_step")
+REINFORCE_KWARGS = ("num_generations", "groups_per_step", "num_iterations")
 DEFAULT_GROUPS_PER_STEP = 4
 # The project's defaults for DSPy's fine-tuning jobs, on top of BetterTogetherConfig's (the w step's) SFT defaults:
 # LoRA as in the README's Python API, no checkpoints (the engine saves each version), no logging integrations.
@@ -264,13 +264,14 @@ class ModelEngine(BatchingEngine):
         return self._train_version(source, train_kwargs, lambda trainer, folder: finetune_on(trainer, dataset, folder))
 
     def reinforce(self, source: str, rows: list[dict], advantages: list[float], temperature: float,
-                  train_kwargs: dict[str, Any]) -> str:
+                  iterations: int, train_kwargs: dict[str, Any]) -> str:
         """Trains a new version from version `source` on sampled prompt/completion `rows` with their GRPO
-        `advantages` (TRL's GRPO loss at the sampling `temperature`: `steps.grpo.reinforce_on`), as `finetune`
-        trains on rows, and returns its LM name."""
+        `advantages` (TRL's GRPO loss at the sampling `temperature`, `iterations` passes: `steps.grpo.reinforce_on`),
+        as `finetune` trains on rows, and returns its LM name."""
         dataset = rows_to_dataset(rows).add_column("advantage", advantages)
         return self._train_version(
-            source, train_kwargs, lambda trainer, folder: reinforce_on(trainer, dataset, folder, temperature)
+            source, train_kwargs,
+            lambda trainer, folder: reinforce_on(trainer, dataset, folder, temperature, iterations),
         )
 
     def _train_version(self, source: str, train_kwargs: dict[str, Any],
@@ -414,19 +415,22 @@ class ModelReinforceJob(ReinforceJob):
     TRL's GRPO loss (advantages as `GRPOTrainer` computes them from each group's rewards; groups without reward
     variance are skipped and counted), and points the LM at it, as DSPy expects (`lm.model` changes in place).
 
-    `train_kwargs`: the fine-tuning options of `bt_trl.lm` (SFTConfig fields, LoRA fields) and `groups_per_step`, how
-    many groups a step asks for (its `pending_batch_ids`; default 4). Each step is one training run of
-    `num_train_epochs` passes over its rows, with a new optimizer. The rollouts are sampled at the LM's temperature,
-    which the loss uses too. The version a step replaces is freed from memory (it stays on disk and loads on request).
+    `train_kwargs`: the fine-tuning options of `bt_trl.lm` (SFTConfig fields, LoRA fields), `groups_per_step`, how
+    many groups a step asks for (its `pending_batch_ids`; default 4), and `num_iterations` (TRL's name; default 1),
+    the passes of each step's training run over its rows (a new optimizer per step). The rollouts are sampled at the
+    LM's temperature, which the loss uses too. The version a step replaces is freed from memory (it stays on disk and
+    loads on request).
     """
 
     def initialize(self) -> None:
         engine: ModelEngine = self.lm.provider.engine
         options = {**(self.lm.train_kwargs or {}), **self.train_kwargs}
         self.groups_per_step = options.pop("groups_per_step", DEFAULT_GROUPS_PER_STEP)
+        self.iterations = options.pop("num_iterations", 1)
         options.pop("num_generations", None)  # the groups' own size
-        if not isinstance(self.groups_per_step, int) or self.groups_per_step < 1:
-            raise ValueError(f"groups_per_step must be an integer >= 1, got {self.groups_per_step!r}")
+        for name, value in (("groups_per_step", self.groups_per_step), ("num_iterations", self.iterations)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         check_train_kwargs(options)
         self.temperature = self.lm.kwargs.get("temperature") or 0.0
         if self.temperature <= 0:
@@ -463,7 +467,8 @@ class ModelReinforceJob(ReinforceJob):
             advantages += group_advantage
         source = self.lm.model
         if rows:
-            self.lm.model = self.engine.reinforce(source, rows, advantages, self.temperature, self.options)
+            self.lm.model = self.engine.reinforce(source, rows, advantages, self.temperature, self.iterations,
+                                                  self.options)
             if self.steps > 0:  # a version this job made and moved past
                 self.engine.unload(source)
         else:

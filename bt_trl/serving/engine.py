@@ -80,7 +80,9 @@ class TransformersBackend:
     Prompt prefixes are reused: the requests of one candidate program share a long prefix (system prompt and demos),
     and on CPU prefill dominates generation. The longest prefix common to a batch is encoded once (and kept for the
     next batches with the same prefix); each row then only encodes its own suffix, laid out as
-    `[prefix][padding][suffix]` with the padding masked, so positions continue from the prefix.
+    `[prefix][padding][suffix]` with the padding masked, so positions continue from the prefix. Rows that repeat a
+    prompt (the samples of one GRPO group) share its encoding too: each distinct prompt is encoded once and its KV
+    cache repeated for its rows, which then sample on their own.
     """
 
     def __init__(self, model, tokenizer, stop_strings: Sequence[str] = (COMPLETION_MARKER,),
@@ -107,8 +109,6 @@ class TransformersBackend:
         attention = [[1] * shared + [0] * (suffix_width - len(r) + shared) + [1] * (len(r) - shared) for r in rows]
         device = self.model.device
         kwargs = {}
-        if shared:
-            kwargs["cache"] = self._prefix_kv(tuple(prefix), len(rows))
         stop = tuple(dict.fromkeys(self.stop_strings + params[0].stop))
         limits = [p.max_tokens for p in params]
         if len(set(limits)) > 1:
@@ -125,6 +125,11 @@ class TransformersBackend:
             sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0}
             processors.append(_RowSampling(params, device))
         with torch.no_grad(), _ForwardTimer(self.model) as timer:
+            distinct = list(dict.fromkeys(map(tuple, input_ids)))
+            if len(distinct) < len(rows) and shared < len(input_ids[0]) - 1:
+                kwargs["cache"] = self._repeated_prompts_kv(input_ids, attention, distinct, prefix)
+            elif shared:
+                kwargs["cache"] = self._prefix_kv(tuple(prefix), len(rows))
             out = self.model.generate(
                 input_ids=torch.tensor(input_ids, device=device),
                 attention_mask=torch.tensor(attention, device=device),
@@ -160,6 +165,23 @@ class TransformersBackend:
                 )
             )
         return results
+
+    def _repeated_prompts_kv(self, input_ids: list[list[int]], attention: list[list[int]],
+                             distinct: list[tuple[int, ...]], prefix: list[int]) -> DynamicCache:
+        """The KV cache of every row's prompt but its last token (generate() encodes that one per row, so that each
+        row samples on its own), encoding each of the `distinct` padded prompts once, after the batch's shared
+        `prefix`, with the positions generate() gives them."""
+        device = self.model.device
+        rows = [tuple(row) for row in input_ids]
+        ids = torch.tensor(distinct, device=device)
+        mask = torch.tensor([attention[rows.index(row)] for row in distinct], device=device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        shared, width = len(prefix), ids.shape[1]
+        cache = self._prefix_kv(tuple(prefix), len(distinct)) if prefix else DynamicCache()
+        self.model(input_ids=ids[:, shared : width - 1], attention_mask=mask[:, : width - 1],
+                   position_ids=positions[:, shared : width - 1], cache=cache, use_cache=True)
+        cache.batch_select_indices(torch.tensor([distinct.index(row) for row in rows], device=device))
+        return cache
 
     def _prefix_kv(self, prefix: tuple[int, ...], batch_size: int) -> DynamicCache:
         """The KV cache of `prefix`, repeated for `batch_size` rows (a copy: generate() extends it in place)."""

@@ -39,13 +39,11 @@ def collect_rollouts(runner: ProgramRunner, program: dspy.Module, examples: list
                      num_generations: int, temperature: float, first_rollout_id: int = 0) -> list[list[ProgramCall]]:
     """`num_generations` traced runs of `program` on each example, sampled at `temperature`: rollout k runs every
     example on its own copy of `lm` with rollout id `first_rollout_id + k`, so that DSPy's cache returns no earlier
-    sample. Returns, per example, its program calls in rollout order."""
-    by_rollout = [
-        runner.run(program, examples, lm.copy(rollout_id=first_rollout_id + k, temperature=temperature),
-                   with_trace=True)
-        for k in range(num_generations)
-    ]
-    return [list(calls) for calls in zip(*by_rollout)]
+    sample. An example's rollouts are called together, so that their identical prompts share a generation batch and
+    its encoding (`TransformersBackend`). Returns, per example, its program calls in rollout order."""
+    lms = [lm.copy(rollout_id=first_rollout_id + k, temperature=temperature) for k in range(num_generations)]
+    calls = runner.run(program, [example for example in examples for _ in lms], lms * len(examples), with_trace=True)
+    return [calls[i : i + num_generations] for i in range(0, len(calls), num_generations)]
 
 
 def rollout_reward(call: ProgramCall, format_failure_score: float) -> float | None:
@@ -246,13 +244,14 @@ def rollout_logps(trainer: SFTTrainer, rows: datasets.Dataset, temperature: floa
         return Ranks(trainer.accelerator.state).map_split(share_logps, rows.to_list())
 
 
-def reinforce_on(trainer: SFTTrainer, rollouts: datasets.Dataset, output_dir: str, temperature: float) -> list[float]:
+def reinforce_on(trainer: SFTTrainer, rollouts: datasets.Dataset, output_dir: str, temperature: float,
+                 iterations: int = 1) -> list[float]:
     """One GRPO training run of `trainer` on `rollouts` (conversational prompt/completion rows with an `advantage`,
     from `GroupedRollouts.training_rows`), as `finetune_on` runs SFT: SFTTrainer's own loop with the trainer's batch
-    size, gradient accumulation and learning rate, `num_train_epochs` passes over the rollouts (TRL's
-    `num_iterations`), a new optimizer and LR schedule, writing to `output_dir`. The loss is `grpo_compute_loss` at the
-    sampling `temperature`. LoRA or full weights, one process or `accelerate launch` (the Trainer's sampler shares the
-    rows among the ranks). Returns the logged training losses."""
+    size, gradient accumulation and learning rate, `iterations` passes over the rollouts (TRL's `num_iterations`, in
+    place of `num_train_epochs`), a new optimizer and LR schedule, writing to `output_dir`. The loss is
+    `grpo_compute_loss` at the sampling `temperature`. LoRA or full weights, one process or `accelerate launch` (the
+    Trainer's sampler shares the rows among the ranks). Returns the logged training losses."""
     args = trainer.args
     if args.packing or not trainer.completion_only_loss:
         raise ValueError("a GRPO training run scores each rollout's completion on its own: it needs packing=False "
@@ -260,12 +259,14 @@ def reinforce_on(trainer: SFTTrainer, rollouts: datasets.Dataset, output_dir: st
                          f"completion_only_loss={trainer.completion_only_loss})")
     tokenized = tokenized_rows(trainer, rollouts).select_columns(["input_ids", "labels", "advantage"])
     trainer.train_dataset = tokenized.add_column("old_per_token_logps", rollout_logps(trainer, tokenized, temperature))
-    collator, remove_unused_columns = trainer.data_collator, args.remove_unused_columns
+    collator, remove_unused_columns, epochs = trainer.data_collator, args.remove_unused_columns, args.num_train_epochs
     trainer.data_collator = functools.partial(rollout_batch, pad_token_id=trainer.processing_class.pad_token_id)
     trainer.compute_loss = functools.partial(grpo_compute_loss, trainer, temperature)
     args.remove_unused_columns = False  # the batches hold GRPOTrainer's columns, not the model's arguments
+    args.num_train_epochs = iterations
     try:
         return training_run(trainer, output_dir)
     finally:
         trainer.data_collator, args.remove_unused_columns = collator, remove_unused_columns
+        args.num_train_epochs = epochs
         del trainer.compute_loss
