@@ -454,11 +454,12 @@ class BetterTogetherTrainer(SFTTrainer):
             args = self.args
             if args.weight_step_eval == "steps":
                 return None  # the number of checkpoints depends on the traces
-            epochs = args.grpo_num_iterations * args.grpo_rounds if kind == GRPO_STEP else math.ceil(
-                args.num_train_epochs)
+            if kind == GRPO_STEP:
+                runs, epochs = args.grpo_num_generations * args.grpo_rounds, args.grpo_num_iterations * args.grpo_rounds
+            else:
+                runs, epochs = args.trace_rounds, math.ceil(args.num_train_epochs)
             checkpoints = epochs if args.weight_step_eval == "epoch" else 0
             examples = len(validation_examples(self.valset, args.weight_step_eval_size, args.seed))
-            runs = args.grpo_num_generations * args.grpo_rounds if kind == GRPO_STEP else args.trace_rounds
             return len(self.trainset) * runs + len(self.valset) + checkpoints * examples
         if is_prompt_step(kind):
             optimizer_calls = expected_program_calls(self.prompt_optimizers[kind], len(self.trainset),

@@ -62,9 +62,7 @@ logger = logging.getLogger(__name__)
 
 # train_kwargs that choose LoRA or full fine-tuning: TRL's ModelConfig fields, as in `scripts/train.py`.
 LORA_KWARGS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-# train_kwargs of a reinforce job besides those: the group size `dspy.GRPO` sets, and the groups one step trains on.
-REINFORCE_KWARGS = ("num_generations", "groups_per_step", "num_iterations")
-DEFAULT_GROUPS_PER_STEP = 4
+DEFAULT_GROUPS_PER_STEP = 4  # the groups a reinforce job's step asks DSPy for, unless train_kwargs say otherwise
 # The project's defaults for DSPy's fine-tuning jobs, on top of BetterTogetherConfig's (the w step's) SFT defaults:
 # LoRA as in the README's Python API, no checkpoints (the engine saves each version), no logging integrations.
 DEFAULT_TRAIN_KWARGS = {
@@ -437,6 +435,7 @@ class ModelReinforceJob(ReinforceJob):
             raise ValueError(f"GRPO samples its rollouts: give the LM a temperature above 0 (got {self.temperature}), "
                              "e.g. bt_trl.lm(..., temperature=1.0)")
         self.engine, self.options = engine, options
+        self.start_model = self.lm.model  # the version the job started from: the caller's, never unloaded
         self.status, self.steps = "running", 0
         self.skipped_groups = 0  # groups without reward variance, over all steps
         self.pending_batch_ids = list(range(self.groups_per_step))
@@ -469,7 +468,7 @@ class ModelReinforceJob(ReinforceJob):
         if rows:
             self.lm.model = self.engine.reinforce(source, rows, advantages, self.temperature, self.iterations,
                                                   self.options)
-            if self.steps > 0:  # a version this job made and moved past
+            if source != self.start_model:  # a version this job made and moved past
                 self.engine.unload(source)
         else:
             logger.warning("GRPO step %d: no group with reward variance (%d given); the weights are unchanged",
